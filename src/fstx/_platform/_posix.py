@@ -1,0 +1,333 @@
+"""POSIX primitives (Linux, macOS, BSD): every name is resolved in an open directory.
+
+Each function takes a :class:`Dir` and a single name component, and never
+follows a symlink in that component, so the engine can walk from the root
+descriptor and stay inside it (the ``shutil.rmtree`` approach; Rust's
+CVE-2022-21658 was the race this avoids).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+import sys
+from typing import Callable, List, Optional, Tuple
+
+from fstx._platform._types import Dir
+
+_log = logging.getLogger("fstx")
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
+
+if sys.platform == "linux":  # pragma: no branch
+    _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+    _RENAME_NOREPLACE = 1  # linux/fs.h
+    _RENAME_EXCHANGE = 2
+
+
+def _load_libc() -> Optional[ctypes.CDLL]:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:  # a static or unusual libc: the callers have fallbacks
+        return None
+
+
+_libc = _load_libc()
+
+
+def open_root(path: str) -> Dir:
+    """Open the transaction root (following symlinks: the root is the user's choice)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return Dir(fd, path)
+
+
+def open_dir(parent: Dir, name: str) -> Dir:
+    """Open a subdirectory, refusing a symlink (``ELOOP``/``ENOTDIR``)."""
+    fd = os.open(name, _O_DIR, dir_fd=parent.fd)
+    return Dir(fd, os.path.join(parent.path, name))
+
+
+def close_dir(d: Dir) -> None:
+    """Close a directory opened by :func:`open_dir` or :func:`open_root`."""
+    os.close(d.fd)
+
+
+def same_dir(a: Dir, b: Dir) -> bool:
+    """Whether two handles refer to one directory."""
+    sa, sb = os.fstat(a.fd), os.fstat(b.fd)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def stat_dir(d: Dir) -> os.stat_result:
+    """``fstat`` of an open directory."""
+    return os.fstat(d.fd)
+
+
+def lstat(d: Dir, name: str) -> os.stat_result:
+    """``lstat`` of ``name`` in ``d``."""
+    return os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+
+
+def listdir(d: Dir) -> List[str]:
+    """Names in ``d`` (CPython duplicates the descriptor, so ``d`` stays usable)."""
+    return os.listdir(d.fd)
+
+
+def mkdir(d: Dir, name: str, mode: int) -> None:
+    """Create directory ``name`` in ``d``."""
+    os.mkdir(name, mode, dir_fd=d.fd)
+
+
+def rmdir(d: Dir, name: str) -> None:
+    """Remove the empty directory ``name`` from ``d``."""
+    os.rmdir(name, dir_fd=d.fd)
+
+
+def unlink(d: Dir, name: str) -> None:
+    """Remove the file or symlink ``name`` from ``d``."""
+    os.unlink(name, dir_fd=d.fd)
+
+
+def rename(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
+    """Atomically rename, replacing a file or symlink at the destination."""
+    os.rename(sn, dn, src_dir_fd=sd.fd, dst_dir_fd=dd.fd)
+
+
+def _renameat2(sd: Dir, sn: str, dd: Dir, dn: str, flags: int) -> None:
+    if sys.platform != "linux" or _libc is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", sn)
+    func = getattr(_libc, "renameat2", None)
+    if func is None:  # glibc < 2.28
+        raise OSError(errno.ENOSYS, "renameat2 is not available", sn)
+    rc = func(sd.fd, os.fsencode(sn), dd.fd, os.fsencode(dn), flags)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.path.join(sd.path, sn))
+
+
+def rename_noreplace(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
+    """Rename, failing with ``FileExistsError`` if the destination exists.
+
+    Uses ``renameat2(RENAME_NOREPLACE)`` on Linux; elsewhere, and on file
+    systems without it, a hard link plus unlink (files only).
+    """
+    if sys.platform == "linux":
+        try:
+            _renameat2(sd, sn, dd, dn, _RENAME_NOREPLACE)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+                raise
+        else:
+            return
+    os.link(sn, dn, src_dir_fd=sd.fd, dst_dir_fd=dd.fd, follow_symlinks=False)
+    os.unlink(sn, dir_fd=sd.fd)
+
+
+def exchange(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
+    """Atomically swap two names (``renameat2(RENAME_EXCHANGE)``).
+
+    Raises:
+        OSError: ``ENOSYS``/``EINVAL`` where the kernel or file system lacks it.
+    """
+    if sys.platform != "linux":
+        raise OSError(errno.ENOSYS, "atomic exchange is not available", sn)
+    _renameat2(sd, sn, dd, dn, _RENAME_EXCHANGE)
+
+
+def link(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
+    """Create hard link ``dn`` to ``sn`` (never following a symlink)."""
+    os.link(sn, dn, src_dir_fd=sd.fd, dst_dir_fd=dd.fd, follow_symlinks=False)
+
+
+def symlink(target: str, d: Dir, name: str) -> None:
+    """Create symlink ``name`` pointing at ``target``."""
+    os.symlink(target, name, dir_fd=d.fd)
+
+
+def readlink(d: Dir, name: str) -> str:
+    """Target of symlink ``name``."""
+    return os.readlink(name, dir_fd=d.fd)
+
+
+def open_file(d: Dir, name: str, flags: int, mode: int = 0o666) -> int:
+    """``openat`` without following a symlink in ``name``."""
+    return os.open(name, flags | _O_FILE_FLAGS, mode, dir_fd=d.fd)
+
+
+def chmod(d: Dir, name: str, mode: int) -> None:
+    """Change the mode bits of a file or directory (the caller checked it is no symlink)."""
+    os.chmod(name, mode, dir_fd=d.fd)
+
+
+def utime(d: Dir, name: str, ns: Tuple[int, int]) -> None:
+    """Set access and modification times without following a symlink."""
+    os.utime(name, ns=ns, dir_fd=d.fd, follow_symlinks=False)
+
+
+def fsync(fd: int) -> None:
+    """Flush a file to stable storage (``F_FULLFSYNC`` on macOS, where fsync does not)."""
+    if sys.platform == "darwin":
+        import fcntl  # noqa: PLC0415 - POSIX-only module, imported where used
+
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+        except OSError as exc:
+            # Some file systems (network, FUSE) refuse F_FULLFSYNC; fsync is the best left.
+            if exc.errno not in (errno.ENOTSUP, errno.EINVAL, errno.ENOTTY):
+                raise
+        else:
+            return
+    os.fsync(fd)
+
+
+def fsync_dir(d: Dir) -> None:
+    """Make ``d``'s entries durable; file systems that cannot are tolerated, not EIO."""
+    try:
+        fsync(d.fd)
+    except OSError as exc:
+        # fsync(2): EINVAL "fd is bound to a special file which does not support
+        # synchronization"; seen for directories on some FUSE and network mounts.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+        _log.debug("directory fsync not supported on %r", d.path)
+
+
+def syncfs(d: Dir) -> bool:
+    """Flush the whole file system holding ``d`` in one call; False if unsupported."""
+    if sys.platform != "linux" or _libc is None:
+        return False
+    func = getattr(_libc, "syncfs", None)
+    if func is None:
+        return False
+    if func(d.fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), d.path)
+    return True
+
+
+def _copy_range(src: int, dst: int, size: int) -> bool:
+    copy_file_range: Optional[Callable[..., int]] = getattr(os, "copy_file_range", None)
+    if copy_file_range is None:
+        return False
+    done = 0
+    try:
+        while done < size:
+            n = copy_file_range(src, dst, size - done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if done == 0 and exc.errno in (
+            errno.EXDEV,
+            errno.ENOSYS,
+            errno.EINVAL,
+            errno.EOPNOTSUPP,
+            errno.EBADF,
+            errno.EPERM,
+        ):
+            return False
+        raise
+    return done >= size
+
+
+def copy_fd(src: int, dst: int) -> None:
+    """Copy all data of ``src`` into the empty file ``dst``.
+
+    A copy-on-write clone where the file system offers one (``FICLONE`` on
+    btrfs and xfs), else ``copy_file_range``, else plain reads and writes.
+    """
+    if sys.platform == "linux":
+        import fcntl  # noqa: PLC0415 - POSIX-only module, imported where used
+
+        try:
+            fcntl.ioctl(dst, _FICLONE, src)
+        except OSError:
+            pass  # no reflinks here (ext4, tmpfs, across devices): copy instead
+        else:
+            return
+        size = os.fstat(src).st_size
+        if size and _copy_range(src, dst, size):
+            return
+        os.lseek(src, 0, os.SEEK_SET)
+        os.lseek(dst, 0, os.SEEK_SET)
+        os.ftruncate(dst, 0)
+    while True:
+        chunk = os.read(src, 1 << 20)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view) :]
+
+
+def holders(path: str) -> List[Tuple[int, str]]:
+    """Processes holding ``path`` open, by reading ``/proc/*/fd`` (Linux only)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return []
+    try:
+        want = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return []
+    found: List[Tuple[int, str]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        if _holds(entry, want):
+            found.append((int(entry), _process_name(entry)))
+    return found
+
+
+def _holds(pid: str, want: os.stat_result) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:  # the process ended, or is not ours to look at
+        return False
+    for fd in fds:
+        try:
+            st = os.stat(os.path.join(fd_dir, fd))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            return True
+    try:  # a mapped image (executable, shared library) counts as held too
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            key = f" {want.st_ino} "
+            return any(key in line for line in maps)
+    except OSError:
+        return False
+
+
+def _process_name(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:
+            return comm.read().strip()
+    except OSError:
+        return "?"
+
+
+def is_readonly_blocker(d: Dir, name: str) -> bool:
+    """Windows only: whether a read-only attribute blocks a delete. Never on POSIX."""
+    del d, name
+    return False
+
+
+def clear_readonly(d: Dir, name: str) -> None:
+    """Windows only: clear the read-only attribute. Nothing to do on POSIX."""
+    del d, name
+
+
+def set_readonly(d: Dir, name: str) -> None:
+    """Windows only: set the read-only attribute. Nothing to do on POSIX."""
+    del d, name
+
+
+def is_dir_stat(st: os.stat_result) -> bool:
+    """Whether an ``lstat`` result is a real directory (not a link to one)."""
+    return stat.S_ISDIR(st.st_mode)
