@@ -1,0 +1,483 @@
+"""The commit protocol: apply journaled steps, roll them back, clean up after.
+
+A commit is, in order:
+
+1. **Barrier.** With ``durability="full"``, staged content is made durable
+   (``syncfs`` on each staging device, else an fsync per file and directory).
+2. **Journal.** Every step plus the state ``committing`` is written in one
+   append to ``.fstx/<txid>.journal`` and made durable. Nothing under the
+   root has changed yet.
+3. **Apply.** Each step is a rename: new content from staging into place
+   (an existing file is first hard-linked into staging as its backup, so the
+   rename over it is atomic for readers); deletions move into staging.
+4. **Barrier.** The directories the renames touched are made durable.
+5. **Commit point.** The state ``committed`` is appended and made durable.
+6. **Clean-up.** Backups and staging are removed; what cannot be removed
+   (a file in use) goes to the trash. The journal is removed last.
+
+A crash before step 5 is rolled back by :func:`undo`; after it, recovery only
+finishes step 6. Undo is idempotent: each step is undone only if its effect
+is visibly there (a backup exists, or the item at the destination is the very
+inode that was planned to move), so undoing twice, or undoing a step that
+never ran, changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import stat
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
+
+from fstx import _journal, _os
+from fstx._errors import InUseError
+from fstx._journal import Chmod, Place, Remove, Step
+from fstx._platform import impl
+from fstx._retry import Retrier, is_transient
+from fstx._tree import Rel, RootFS, join
+
+__all__ = [
+    "STAGING",
+    "JournalFile",
+    "apply",
+    "barrier",
+    "purge",
+    "undo",
+]
+
+_log = logging.getLogger("fstx")
+
+STAGING = ".fstx"
+"""Name of the staging directory at the top of the root (and of each mount in it)."""
+TRASH = "trash"
+ROOT_TRASH = (STAGING, TRASH)
+ORIGIN_SUFFIX = ".origin"
+
+# Where the platform allows it, the old file is hard-linked into staging and
+# the new one renamed over it: readers never find the name missing. Windows
+# cannot rename over a file that another process holds, so it moves the old
+# file away first.
+_LINK_BACKUPS = not hasattr(impl, "NO_LINK_BACKUPS")
+
+
+def away_name(backup: Rel) -> Rel:
+    """The second backup name, used when the old file had to be moved away."""
+    return (*backup[:-1], backup[-1] + "a")
+
+
+# -- the journal file ------------------------------------------------------
+
+
+class JournalFile:
+    """An open journal, appended to in whole records.
+
+    Args:
+        fs: the root.
+        rel: the journal's path, relative to the root.
+        durable: fsync after each append.
+    """
+
+    def __init__(self, fs: RootFS, rel: Rel, *, durable: bool) -> None:
+        self.fs = fs
+        self.rel = rel
+        self.durable = durable
+        self.size = 0
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+        self.fd = fs.open(rel, flags, 0o644)
+        self.created = True
+
+    def append(self, records: Sequence[_journal.Record]) -> None:
+        """Append whole records, durably if asked to."""
+        data = _journal.encode(records)
+        _os.write(self.fd, data)
+        if self.durable:
+            _os.fsync(self.fd)
+            if self.created:
+                self.fs.fsync_dir(self.rel[:-1])
+                self.created = False
+        self.size += len(data)
+
+    def close(self) -> None:
+        """Close the descriptor (the file stays)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            _os.close(fd)
+
+    def remove(self) -> None:
+        """Close and delete the journal."""
+        self.close()
+        self.fs.unlink(self.rel)
+
+
+# -- durability barriers ---------------------------------------------------
+
+
+def barrier(fs: RootFS, areas: Iterable[Rel], dirs: Iterable[Rel]) -> None:
+    """Make everything written so far under ``areas`` and in ``dirs`` durable.
+
+    One ``syncfs`` per staging area's file system where the platform has it
+    (Linux), else an fsync of every file in the areas and of every directory
+    in ``dirs``.
+    """
+    pending = set(dirs)
+    synced_all = True
+    for area in areas:
+        if not _os.syncfs(fs.dir(area)):
+            synced_all = False
+            _fsync_tree(fs, area)
+    if synced_all and pending:
+        # syncfs covered the devices of the areas; a directory on another
+        # device (not possible today: every step's device has an area) would
+        # still need its own fsync.
+        return
+    for rel in sorted(pending, key=len, reverse=True):
+        if fs.is_dir(rel):
+            fs.fsync_dir(rel)
+
+
+def _fsync_tree(fs: RootFS, rel: Rel) -> None:
+    for item in fs.walk_files(rel):
+        st = fs.lstat(item)
+        if st is None or stat.S_ISLNK(st.st_mode):
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            fs.fsync_dir(item)
+            continue
+        fd = fs.open(item, os.O_RDONLY)
+        try:
+            _os.fsync(fd)
+        finally:
+            _os.close(fd)
+
+
+def touched_dirs(steps: Iterable[Step]) -> Set[Rel]:
+    """Every directory whose entries the steps change."""
+    dirs: Set[Rel] = set()
+    for step in steps:
+        if isinstance(step, Place):
+            dirs.add(step.src[:-1])
+            dirs.add(step.dst[:-1])
+            if step.backup is not None:
+                dirs.add(step.backup[:-1])
+        elif isinstance(step, Remove):
+            dirs.add(step.path[:-1])
+            dirs.add(step.backup[:-1])
+    return dirs
+
+
+# -- applying steps --------------------------------------------------------
+
+
+def _in_use(fs: RootFS, rel: Rel, operation: str, exc: OSError) -> InUseError:
+    path = fs.abspath(rel)
+    try:
+        holders = impl.holders(path)
+    except OSError:
+        holders = []
+    error = InUseError(
+        path, operation, holders, winerror=getattr(exc, "winerror", None)
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _ino(fs: RootFS, rel: Rel) -> Optional[int]:
+    st = fs.lstat(rel)
+    return None if st is None else st.st_ino
+
+
+def apply(fs: RootFS, step: Step, retrier: Retrier) -> None:
+    """Carry out one step (safe to call again after it succeeded)."""
+    if isinstance(step, Place):
+        _apply_place(fs, step, retrier)
+    elif isinstance(step, Remove):
+        _apply_remove(fs, step, retrier)
+    else:
+        retrier.call(fs.chmod, step.path, step.mode, operation="chmod", path=step.path)
+
+
+def _rename_noreplace(fs: RootFS, src: Rel, dst: Rel) -> None:
+    try:
+        fs.rename_noreplace(src, dst)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        # renameat2 is missing (old kernel, FUSE, macOS) and the hard-link
+        # fallback does not work for directories: look first, then rename.
+        if exc.errno not in (errno.EPERM, errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise
+        if fs.exists(dst):
+            raise FileExistsError(
+                errno.EEXIST, os.strerror(errno.EEXIST), join(dst)
+            ) from exc
+        fs.rename(src, dst)
+
+
+def _apply_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
+    src, dst, backup = step.src, step.dst, step.backup
+    if _ino(fs, src) != step.ino:
+        return  # already moved: a retried or repeated step
+    done = lambda: _ino(fs, src) is None  # noqa: E731 - a one-line idempotency check
+    policy = retrier.policy
+    if backup is None or not fs.exists(dst):
+        retrier.call(
+            _rename_noreplace, fs, src, dst, operation="move into place", path=dst,
+            already_done=done,
+        )  # fmt: skip
+        return
+    if _LINK_BACKUPS:
+        try:
+            fs.link(dst, backup)
+        except OSError as exc:
+            _log.debug("no hard-link backup of %r (%s); moving it away", join(dst), exc)
+        else:
+            try:
+                retrier.call(
+                    fs.rename, src, dst, operation="replace", path=dst,
+                    budget=policy.defer_after, already_done=done,
+                )  # fmt: skip
+            except OSError as exc:
+                if not is_transient(exc):
+                    raise
+            else:
+                return
+    # The old file would not be replaced (Windows, or a file in use): move it
+    # away into staging, then put the new one in the free name.
+    away = away_name(backup) if fs.exists(backup) else backup
+    try:
+        retrier.call(fs.rename, dst, away, operation="move out of the way", path=dst)
+    except OSError as exc:
+        if is_transient(exc):
+            raise _in_use(fs, dst, "move out of the way", exc) from exc
+        raise
+    retrier.call(
+        _rename_noreplace, fs, src, dst, operation="move into place", path=dst,
+        already_done=done,
+    )  # fmt: skip
+
+
+def _apply_remove(fs: RootFS, step: Remove, retrier: Retrier) -> None:
+    path, backup = step.path, step.backup
+    st = fs.lstat(path)
+    if st is None:
+        return
+    budget = retrier.policy.defer_after if stat.S_ISDIR(st.st_mode) else None
+    try:
+        retrier.call(
+            fs.rename, path, backup, operation="delete", path=path, budget=budget,
+        )  # fmt: skip
+    except OSError as exc:
+        if not is_transient(exc):
+            raise
+        if not stat.S_ISDIR(st.st_mode):
+            raise _in_use(fs, path, "delete", exc) from exc
+        # A directory with a file in use below it cannot be moved (Windows):
+        # move its entries one by one; only the held ones stay behind.
+        _move_entries(fs, path, backup, retrier)
+
+
+def _move_entries(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
+    if not fs.exists(backup):
+        fs.mkdir(backup)
+    for name in fs.listdir(path):
+        child, target = (*path, name), (*backup, name)
+        try:
+            retrier.call(fs.rename, child, target, operation="delete", path=child)
+        except OSError as exc:
+            if not is_transient(exc) or not fs.is_dir(child):
+                if is_transient(exc):
+                    raise _in_use(fs, child, "delete", exc) from exc
+                raise
+            _move_entries(fs, child, target, retrier)
+    retrier.call(fs.rmdir, path, operation="delete", path=path)
+
+
+# -- undoing steps ---------------------------------------------------------
+
+
+def undo(fs: RootFS, steps: Sequence[Step], retrier: Retrier) -> None:
+    """Undo ``steps`` in reverse order; idempotent, and a no-op for steps never run."""
+    for step in reversed(steps):
+        if isinstance(step, Place):
+            _undo_place(fs, step, retrier)
+        elif isinstance(step, Remove):
+            _undo_remove(fs, step.path, step.backup, retrier)
+        elif _ino(fs, step.path) == step.ino:
+            retrier.call(fs.chmod, step.path, step.old_mode, operation="restore mode",
+                         path=step.path)  # fmt: skip
+
+
+def _undo_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
+    src, dst, backup = step.src, step.dst, step.backup
+    moved_in = _ino(fs, src) is None and _ino(fs, dst) == step.ino
+    restore: Optional[Rel] = None
+    if backup is not None:
+        if fs.exists(backup):
+            restore = backup
+        elif fs.exists(away_name(backup)):
+            restore = away_name(backup)
+    if moved_in and (not step.staged or restore is None):
+        # Put a rename back where it came from; take new content out of the
+        # way unless the old file is about to be renamed over it anyway.
+        retrier.call(fs.rename, dst, src, operation="undo", path=dst)
+    if backup is not None and restore is not None:
+        if fs.exists(dst) and fs.same(restore, dst):
+            retrier.call(fs.unlink, restore, operation="undo", path=restore)
+        else:
+            retrier.call(fs.rename, restore, dst, operation="undo", path=dst)
+        other = away_name(backup) if restore == backup else backup
+        if fs.exists(other) and fs.same(other, dst):
+            fs.unlink(other)
+
+
+def _undo_remove(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
+    st = fs.lstat(backup)
+    if st is None:
+        return
+    here = fs.lstat(path)
+    if here is None:
+        retrier.call(fs.rename, backup, path, operation="undo delete", path=path)
+        return
+    if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(here.st_mode):
+        # A directory whose entries were moved one by one: move them back.
+        for name in fs.listdir(backup):
+            _undo_remove(fs, (*path, name), (*backup, name), retrier)
+        retrier.call(fs.rmdir, backup, operation="undo delete", path=backup)
+        return
+    retrier.call(fs.rename, backup, path, operation="undo delete", path=path)
+
+
+# -- clean-up and trash ----------------------------------------------------
+
+
+def purge(
+    fs: RootFS, rel: Rel, origin: Rel, trash: Optional[Rel], deferred: List[Rel]
+) -> None:
+    """Delete ``rel`` (a tree); whatever refuses goes to ``trash``, listed in ``deferred``.
+
+    With ``trash`` None, what refuses stays where it is (emptying the trash).
+    Never raises: clean-up must never undo a commit.
+    """
+    try:
+        st = fs.lstat(rel)
+    except OSError as exc:
+        _log.warning("cannot look at %r during clean-up: %s", join(rel), exc)
+        return
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            names = fs.listdir(rel)
+        except OSError:
+            names = []
+        for name in names:
+            purge(fs, (*rel, name), (*origin, name), trash, deferred)
+        remove: Callable[[Rel], None] = fs.rmdir
+    else:
+        remove = fs.unlink
+    try:
+        remove(rel)
+    except OSError as first:
+        if stat.S_ISDIR(st.st_mode) and first.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return  # its held entries went to the trash; the directory is only a shell
+        if _clear_readonly_and_retry(fs, rel, remove):
+            return
+        if trash is None:
+            deferred.append(origin)
+            return
+        _to_trash(fs, rel, origin, trash, deferred, first)
+
+
+def _clear_readonly_and_retry(
+    fs: RootFS, rel: Rel, remove: Callable[[Rel], None]
+) -> bool:
+    try:
+        parent, name = fs.dir(rel[:-1]), rel[-1]
+        if not impl.is_readonly_blocker(parent, name):
+            return False
+        impl.clear_readonly(parent, name)
+        remove(rel)
+    except OSError:
+        return False
+    return True
+
+
+def trash_for(area: Rel) -> Rel:
+    """The trash on a staging area's device: beside the area, in its ``.fstx``."""
+    return (*area[:-1], TRASH)
+
+
+def _to_trash(
+    fs: RootFS, rel: Rel, origin: Rel, trash: Rel, deferred: List[Rel], exc: OSError
+) -> None:
+    token = secrets.token_hex(8)
+    target = (*trash, token)
+    deferred.append(origin)
+    try:
+        for d in (trash, ROOT_TRASH):
+            if not fs.exists(d):
+                fs.mkdir(d)
+        # The note comes first: an entry is never in the trash without it.
+        _write_origin(fs, (*ROOT_TRASH, token + ORIGIN_SUFFIX), origin, target)
+        fs.rename(rel, target)
+    except OSError as move_exc:
+        _log.warning(
+            "cannot remove %r (%s) nor move it to the trash (%s); it stays in staging",
+            join(origin), exc, move_exc,
+        )  # fmt: skip
+        return
+    _log.warning(
+        "%r is in use; deferred its removal to the next recovery", join(origin)
+    )
+
+
+def _write_origin(fs: RootFS, rel: Rel, origin: Rel, item: Rel) -> None:
+    fd = fs.open(rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        note = {"path": join(origin), "item": join(item)}
+        _os.write(fd, json.dumps(note).encode("ascii"))
+    finally:
+        _os.close(fd)
+
+
+def read_origin(fs: RootFS, rel: Rel) -> Tuple[Optional[Rel], Optional[Rel]]:
+    """``(original path, trash entry)`` from a note in the trash (None where unreadable)."""
+    try:
+        fd = fs.open(rel, os.O_RDONLY)
+    except OSError:
+        return None, None
+    try:
+        data = os.read(fd, 1 << 16)
+    finally:
+        _os.close(fd)
+    found: List[Optional[Rel]] = [None, None]
+    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+        # A half-written note (a crash while deferring): the entry is still
+        # purged, just reported without its original name.
+        note = json.loads(data.decode("ascii"))
+        for i, key in enumerate(("path", "item")):
+            value = note.get(key)
+            if isinstance(value, str) and value and ".." not in value.split("/"):
+                found[i] = tuple(value.split("/"))
+    return found[0], found[1]
+
+
+def backups_of(steps: Iterable[Step]) -> List[Tuple[Rel, Rel]]:
+    """``(backup, original path)`` of every step that keeps a backup."""
+    found: List[Tuple[Rel, Rel]] = []
+    for step in steps:
+        if isinstance(step, Place) and step.backup is not None:
+            found.append((step.backup, step.dst))
+            found.append((away_name(step.backup), step.dst))
+        elif isinstance(step, Remove):
+            found.append((step.backup, step.path))
+    return found
+
+
+def chmod_steps(steps: Iterable[Step]) -> List[Chmod]:
+    """The chmod steps (for tests and reports)."""
+    return [s for s in steps if isinstance(s, Chmod)]

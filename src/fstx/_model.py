@@ -1,0 +1,113 @@
+"""The planned tree: what the root will look like once the planned steps apply.
+
+Every planned path maps to a real location under the root: itself if no
+operation touched it, a staged item (new content), or where an earlier
+rename found it. An overlay trie records only what operations changed, so a
+lookup costs one dictionary step per path component, whatever the size of
+the transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Dict, List, Optional
+
+from fstx._tree import Rel, RootFS
+
+__all__ = ["PlannedTree"]
+
+
+class _Node:
+    __slots__ = ("children", "is_set", "loc")
+
+    def __init__(self) -> None:
+        self.children: Dict[str, _Node] = {}
+        self.is_set = False
+        self.loc: Optional[Rel] = None
+
+
+class PlannedTree:
+    """The tree as planned so far, over the real one.
+
+    Args:
+        fs: the root, for looking at real and staged items.
+    """
+
+    def __init__(self, fs: RootFS) -> None:
+        self.fs = fs
+        self._top = _Node()
+
+    def locate(self, path: Rel) -> Optional[Rel]:
+        """Where the planned ``path`` is now on disk, or None if it is planned absent."""
+        node = self._top
+        found: Optional[Rel] = path
+        for i, name in enumerate(path):
+            child = node.children.get(name)
+            if child is None:
+                break
+            node = child
+            if node.is_set:
+                found = None if node.loc is None else node.loc + path[i + 1 :]
+        return found
+
+    def lstat(self, path: Rel) -> Optional[os.stat_result]:
+        """``lstat`` of the planned ``path`` (None: absent)."""
+        loc = self.locate(path)
+        return None if loc is None else self.fs.lstat(loc)
+
+    def is_dir(self, path: Rel) -> bool:
+        """Whether the planned ``path`` is a directory."""
+        st = self.lstat(path)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    def listdir(self, path: Rel) -> List[str]:
+        """Names in the planned directory ``path``."""
+        loc = self.locate(path)
+        names = set(self.fs.listdir(loc)) if loc is not None else set()
+        node = self._node(path)
+        if node is not None:
+            for name, child in node.children.items():
+                if not child.is_set:
+                    continue
+                if child.loc is None:
+                    names.discard(name)
+                else:
+                    names.add(name)
+        return sorted(names)
+
+    def _node(self, path: Rel) -> Optional[_Node]:
+        node = self._top
+        for name in path:
+            child = node.children.get(name)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def _make(self, path: Rel) -> _Node:
+        node = self._top
+        for name in path:
+            node = node.children.setdefault(name, _Node())
+        return node
+
+    def set(self, path: Rel, loc: Optional[Rel]) -> None:
+        """Plan ``path`` to be the item now at ``loc`` (None: absent), subtree included."""
+        node = self._make(path)
+        node.children = {}
+        node.is_set = True
+        node.loc = loc
+
+    def move(self, src: Rel, dst: Rel) -> None:
+        """Plan a rename: ``dst`` becomes what ``src`` is, with its planned subtree."""
+        loc = self.locate(src)
+        old = self._node(src)
+        children = old.children if old is not None else {}
+        node = self._make(dst)
+        node.children = children
+        node.is_set = True
+        node.loc = loc
+        gone = self._make(src)
+        gone.children = {}
+        gone.is_set = True
+        gone.loc = None

@@ -1,0 +1,954 @@
+"""Transactions: plan changes under a root, stage their content, commit or roll back.
+
+Planning checks each call against the tree as planned so far and stages any
+new content at once, in a staging area on the destination's device, so that
+the commit is a short run of renames (see :mod:`fstx._commit`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import secrets
+import stat
+import sys
+import time
+from collections import deque
+from types import TracebackType
+from typing import (
+    IO,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+    Type,
+    Union,
+)
+
+import attrs
+
+from fstx import _commit, _journal, _os
+from fstx._commit import STAGING, JournalFile
+from fstx._errors import CommitError, PlanError, RollbackError
+from fstx._journal import Area, Chmod, Header, Place, Remove, State, Step
+from fstx._lock import RootLock
+from fstx._model import PlannedTree
+from fstx._retry import Retrier, RetryPolicy
+from fstx._tree import Rel, RootFS, join
+
+__all__ = ["CommitReport", "Operation", "Transaction", "transaction"]
+
+_log = logging.getLogger("fstx")
+
+StrPath = Union[str, "os.PathLike[str]"]
+ProgressCallback = Callable[[int, int], None]
+
+_MAX_SYMLINKS = 40
+_DURABILITY = ("full", "none")
+
+
+@attrs.frozen
+class CommitReport:
+    """What a commit did.
+
+    Attributes:
+        operations: how many operations were committed.
+        deferred: paths whose old files were in use and wait in the trash
+            for the next :func:`fstx.recover`.
+        retries: how many filesystem calls were retried after a transient error.
+        elapsed: seconds the commit took.
+    """
+
+    operations: int
+    deferred: Tuple[str, ...] = ()
+    retries: int = 0
+    elapsed: float = 0.0
+
+
+@attrs.frozen
+class Operation:
+    """One planned operation, as the caller asked for it.
+
+    Attributes:
+        kind: ``copy``, ``rename``, ``delete``, ``write``, ``mkdir`` or ``chmod``.
+        path: the path it changes, relative to the root.
+        source: where ``copy`` and ``rename`` take from.
+        mode: the mode bits of ``chmod``, ``mkdir`` or a write, if given.
+    """
+
+    kind: str
+    path: str
+    source: Optional[str] = None
+    mode: Optional[int] = None
+
+    def __str__(self) -> str:
+        mode = "" if self.mode is None else f" (mode {self.mode:o})"
+        if self.source is not None:
+            return f"{self.kind} {self.source} -> {self.path}{mode}"
+        return f"{self.kind} {self.path}{mode}"
+
+
+def _fspath(value: object) -> str:
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        return os.fsdecode(path) if isinstance(path, bytes) else path
+    raise TypeError(f"expected a str or os.PathLike path, not {type(value).__name__}")
+
+
+def _split_parts(text: str) -> List[str]:
+    if sys.platform == "win32":
+        text = text.replace("\\", "/")
+    return [p for p in text.split("/") if p not in ("", ".")]
+
+
+class _Source:
+    """A tree to copy from: outside the root (plain paths) or inside it (planned)."""
+
+    def lstat(self, key: Any) -> os.stat_result:
+        raise NotImplementedError
+
+    def stat(self, key: Any) -> os.stat_result:
+        raise NotImplementedError
+
+    def listdir(self, key: Any) -> List[str]:
+        raise NotImplementedError
+
+    def child(self, key: Any, name: str) -> Any:
+        raise NotImplementedError
+
+    def open(self, key: Any, follow: bool) -> int:
+        raise NotImplementedError
+
+    def readlink(self, key: Any) -> str:
+        raise NotImplementedError
+
+
+class _OutsideSource(_Source):
+    def lstat(self, key: Any) -> os.stat_result:
+        return os.lstat(key)
+
+    def stat(self, key: Any) -> os.stat_result:
+        return os.stat(key)
+
+    def listdir(self, key: Any) -> List[str]:
+        return sorted(os.listdir(key))
+
+    def child(self, key: Any, name: str) -> Any:
+        return os.path.join(key, name)
+
+    def open(self, key: Any, follow: bool) -> int:
+        flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+        if not follow:
+            flags |= getattr(os, "O_NOFOLLOW", 0)
+        return os.open(key, flags)
+
+    def readlink(self, key: Any) -> str:
+        return os.readlink(str(key))
+
+
+class _PlannedSource(_Source):
+    def __init__(self, tx: Transaction) -> None:
+        self.tx = tx
+
+    def _loc(self, key: Rel) -> Rel:
+        loc = self.tx._model.locate(key)
+        if loc is None:
+            raise FileNotFoundError(2, "planned absent", join(key))
+        return loc
+
+    def lstat(self, key: Any) -> os.stat_result:
+        st = self.tx._fs.lstat(self._loc(key))
+        if st is None:
+            raise FileNotFoundError(2, "no such file", join(key))
+        return st
+
+    def stat(self, key: Any) -> os.stat_result:
+        return self.lstat(key)
+
+    def listdir(self, key: Any) -> List[str]:
+        return self.tx._model.listdir(key)
+
+    def child(self, key: Any, name: str) -> Any:
+        return (*key, name)
+
+    def open(self, key: Any, follow: bool) -> int:
+        del follow
+        return self.tx._fs.open(
+            self._loc(key), os.O_RDONLY | getattr(os, "O_BINARY", 0)
+        )
+
+    def readlink(self, key: Any) -> str:
+        return self.tx._fs.readlink(self._loc(key))
+
+
+class Transaction:
+    """A batch of filesystem changes under ``root`` that commits all or nothing.
+
+    Use :func:`transaction` to open one. Each planning method checks its
+    arguments against the tree as planned so far and raises
+    :class:`~fstx.PlanError` at once when it cannot be done; new content is
+    staged when the method is called. :meth:`commit` applies everything;
+    :meth:`rollback` discards the plan.
+    """
+
+    def __init__(
+        self,
+        root: StrPath,
+        *,
+        durability: str = "full",
+        retry: Optional[RetryPolicy] = None,
+        lock_timeout: Optional[float] = None,
+        on_progress: Optional[ProgressCallback] = None,
+    ) -> None:
+        root_text = _fspath(root)
+        if durability not in _DURABILITY:
+            raise PlanError(
+                "open a transaction on",
+                root_text,
+                f"durability must be 'full' or 'none', not {durability!r}",
+            )
+        self.root = os.path.abspath(root_text)
+        self.durability = durability
+        self.on_progress = on_progress
+        self._retrier = Retrier(retry if retry is not None else RetryPolicy())
+        self._operations: List[Operation] = []
+        self._steps: List[Step] = []
+        self._step_ops: List[int] = []
+        self._spent = False
+        self._modes: Dict[Rel, int] = {}
+        self._areas: Dict[int, Rel] = {}
+        self._area_tops: List[Rel] = []
+        self._counter = 0
+        self._txid = secrets.token_hex(8)
+        if not os.path.isdir(self.root):
+            raise PlanError("open a transaction on", self.root, "it is not a directory")
+        self._root_real = os.path.realpath(self.root)
+        staging = os.path.join(self.root, STAGING)
+        try:
+            os.mkdir(staging)
+        except FileExistsError:
+            if os.path.islink(staging) or not os.path.isdir(staging):
+                raise PlanError(
+                    "open a transaction on",
+                    self.root,
+                    f"{staging!r} exists and is not fstx's staging directory",
+                ) from None
+        self._lock = RootLock(self.root, staging, lock_timeout)
+        self._lock.acquire()
+        try:
+            self._fs = RootFS(self.root)
+            try:
+                self._open()
+            except BaseException:
+                self._fs.close()
+                raise
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self) -> None:
+        from fstx._recovery import recover_locked  # noqa: PLC0415 - import cycle
+
+        recover_locked(self._fs, self._retrier)
+        self._model = PlannedTree(self._fs)
+        self._root_dev = os.fstat(self._fs.top.fd).st_dev if self._fs.top.fd >= 0 else 0
+        area = (STAGING, f"tx-{self._txid}")
+        # The journal exists from the start (not yet durable: nothing under the
+        # root changes before commit), so a crash while planning leaves a
+        # record of which staging areas to sweep.
+        self._journal = JournalFile(
+            self._fs, (STAGING, f"{self._txid}.journal"), durable=False
+        )
+        try:
+            self._journal.append([Header(self._txid, self.root), Area(area)])
+            self._fs.mkdir(area, 0o700)
+        except BaseException:
+            self._journal.remove()
+            raise
+        self._journal.durable = self.durability == "full"
+        self._areas[self._root_dev] = area
+
+    # -- context manager -----------------------------------------------------
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if self._spent:
+            return
+        if exc is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    # -- read-only views -----------------------------------------------------
+
+    @property
+    def operations(self) -> Tuple[Operation, ...]:
+        """The planned operations, in the order they will apply."""
+        return tuple(self._operations)
+
+    @property
+    def spent(self) -> bool:
+        """Whether the transaction was committed or rolled back."""
+        return self._spent
+
+    # -- paths -----------------------------------------------------------------
+
+    def _inside(self, text: str) -> Optional[str]:
+        """``text`` (absolute) relative to the root, or None when outside it."""
+        norm = os.path.normcase
+        for base in (self.root, self._root_real):
+            b = norm(base.rstrip(os.sep) or os.sep)
+            t = norm(text)
+            if t == b:
+                return ""
+            prefix = b if b.endswith(os.sep) else b + os.sep
+            if t.startswith(prefix):
+                return text[len(prefix) :]
+        return None
+
+    def _resolve(self, path: object, op: str, *, follow_last: bool = False) -> Rel:
+        """The planned location of a caller's path, with symlinks resolved in parents."""
+        text = _fspath(path)
+        if not text:
+            raise PlanError(op, text, "the path is empty")
+        if os.path.isabs(text):
+            inner = self._inside(text)
+            if inner is None:
+                raise PlanError(op, text, f"it is outside the root {self.root!r}")
+            text = inner
+        todo: Deque[str] = deque(_split_parts(text))
+        out: List[str] = []
+        links = 0
+        while todo:
+            name = todo.popleft()
+            if name == "..":
+                if not out:
+                    raise PlanError(
+                        op, path, f"'..' leads outside the root {self.root!r}"
+                    )
+                out.pop()
+                continue
+            cand = (*out, name)
+            if not todo and not follow_last:
+                out.append(name)
+                break
+            st = self._model.lstat(cand)
+            if st is None:
+                out.append(name)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise PlanError(op, path, "too many levels of symbolic links")
+                loc = self._model.locate(cand)
+                assert loc is not None
+                target = self._fs.readlink(loc)
+                if os.path.isabs(target):
+                    inner = self._inside(target)
+                    if inner is None:
+                        raise PlanError(
+                            op,
+                            path,
+                            f"{join(cand)!r} is a symlink to {target!r}, outside the root",
+                        )
+                    out = []
+                    target = inner
+                todo.extendleft(reversed(_split_parts(target)))
+                continue
+            if todo and not stat.S_ISDIR(st.st_mode):
+                raise PlanError(op, path, f"{join(cand)!r} is not a directory")
+            out.append(name)
+        rel = tuple(out)
+        if not rel:
+            raise PlanError(op, path, "that is the root itself")
+        if rel[0] == STAGING or any(rel[: len(t)] == t for t in self._area_tops):
+            raise PlanError(op, path, "it is inside fstx's staging directory")
+        return rel
+
+    def _relative_source(self, path: object) -> Optional[str]:
+        text = _fspath(path)
+        if not os.path.isabs(text):
+            return text
+        return self._inside(text)
+
+    # -- staging ---------------------------------------------------------------
+
+    def _check_open(self, op: str, path: object) -> None:
+        if self._spent:
+            raise PlanError(
+                op, path, "the transaction is already committed or rolled back"
+            )
+
+    def _dev_of_dir(self, rel: Rel) -> int:
+        loc = self._model.locate(rel)
+        st = self._fs.lstat(loc) if loc is not None else None
+        if st is None:
+            raise PlanError(
+                "stage", join(rel), "its directory disappeared while planning"
+            )
+        return st.st_dev
+
+    def _area(self, dev: int, near: Rel) -> Rel:
+        area = self._areas.get(dev)
+        if area is not None:
+            return area
+        # A mount inside the root: staging must sit on that device, so that
+        # the commit is still made of renames. Its top is where the device starts.
+        loc = self._model.locate(near)
+        assert loc is not None
+        top = loc
+        while top:
+            st = self._fs.lstat(top[:-1])
+            if st is None or st.st_dev != dev:
+                break
+            top = top[:-1]
+        staging = (*top, STAGING)
+        if not self._fs.exists(staging):
+            self._fs.mkdir(staging, 0o755)
+        area = (*staging, f"tx-{self._txid}")
+        self._journal.append([Area(area)])
+        self._fs.mkdir(area, 0o700)
+        self._areas[dev] = area
+        self._area_tops.append(staging)
+        return area
+
+    def _new_name(self, area: Rel, kind: str) -> Rel:
+        self._counter += 1
+        return (*area, f"{kind}{self._counter}")
+
+    def _area_of(self, loc: Rel) -> bool:
+        return any(loc[: len(a)] == a for a in self._areas.values())
+
+    def _ensure_parents(self, rel: Rel) -> None:
+        for i in range(1, len(rel)):
+            parent = rel[:i]
+            st = self._model.lstat(parent)
+            if st is not None:
+                continue
+            dev = self._dev_of_dir(rel[: i - 1])
+            staged = self._new_name(self._area(dev, rel[: i - 1]), "d")
+            self._fs.mkdir(staged, 0o777)
+            self._add_place(staged, parent, dev, backup=False)
+
+    def _add_place(self, staged: Rel, dst: Rel, dev: int, *, backup: bool) -> None:
+        st = self._fs.lstat(staged)
+        assert st is not None
+        backup_rel = self._new_name(self._area(dev, dst[:-1]), "b") if backup else None
+        self._steps.append(Place(staged, dst, st.st_ino, backup_rel, staged=True))
+        self._step_ops.append(len(self._operations))
+        self._model.set(dst, staged)
+
+    def _stage_bytes(self, area: Rel, chunks: Any, mode: Optional[int]) -> Rel:
+        staged = self._new_name(area, "s")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        fd = self._fs.open(staged, flags, 0o666)
+        try:
+            for chunk in chunks:
+                _os.write(fd, chunk)
+        finally:
+            _os.close(fd)
+        if mode is not None:
+            self._fs.chmod(staged, mode)
+        return staged
+
+    def _copy_into(self, source: _Source, key: Any, staged: Rel, follow: bool) -> None:
+        st = source.stat(key) if follow else source.lstat(key)
+        if stat.S_ISLNK(st.st_mode):
+            self._fs.symlink(source.readlink(key), staged)
+            with contextlib.suppress(NotImplementedError, OSError):
+                # Some platforms cannot set a symlink's own times (no lutimes).
+                self._fs.utime(staged, (st.st_atime_ns, st.st_mtime_ns))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self._fs.mkdir(staged, 0o700)
+            for name in source.listdir(key):
+                self._copy_into(
+                    source, source.child(key, name), (*staged, name), follow
+                )
+        elif stat.S_ISREG(st.st_mode):
+            src_fd = source.open(key, follow)
+            try:
+                flags = (
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+                )
+                dst_fd = self._fs.open(staged, flags, 0o600)
+                try:
+                    _os.copy_fd(src_fd, dst_fd)
+                finally:
+                    _os.close(dst_fd)
+            finally:
+                os.close(src_fd)
+        else:
+            raise PlanError("copy", str(key), "it is not a file, directory or symlink")
+        mode = stat.S_IMODE(st.st_mode)
+        if isinstance(source, _PlannedSource):
+            loc = self._model.locate(key)
+            mode = self._modes.get(loc, mode) if loc is not None else mode
+        self._fs.chmod(staged, mode)
+        self._fs.utime(staged, (st.st_atime_ns, st.st_mtime_ns))
+
+    def _target(
+        self, dst: object, op: str, *, is_dir: bool
+    ) -> Tuple[Rel, Optional[os.stat_result]]:
+        rel = self._resolve(dst, op)
+        st = self._model.lstat(rel)
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                raise PlanError(
+                    op, dst, "a directory is in the way; delete it first to replace it"
+                )
+            if is_dir:
+                raise PlanError(
+                    op, dst, "a file is in the way of a directory; delete it first"
+                )
+        return rel, st
+
+    def _kept_mode(self, rel: Rel, st: Optional[os.stat_result]) -> Optional[int]:
+        """The mode bits a replaced file keeps (None: the default for a new file)."""
+        if st is None or stat.S_ISLNK(st.st_mode):
+            return None
+        loc = self._model.locate(rel)
+        mode = stat.S_IMODE(st.st_mode)
+        return self._modes.get(loc, mode) if loc is not None else mode
+
+    def _record(self, op: Operation) -> None:
+        self._operations.append(op)
+
+    # -- operations ------------------------------------------------------------
+
+    def copy(
+        self, src: StrPath, dst: StrPath, *, follow_symlinks: bool = False
+    ) -> None:
+        """Copy a file, symlink or tree to ``dst``, keeping mode bits and times.
+
+        ``src`` may be anywhere; it is read now, so later changes to it do not
+        matter. A relative ``src`` is relative to the root and seen as planned.
+
+        Raises:
+            PlanError: ``src`` is missing, ``dst`` is outside the root, or a
+                directory and a file would replace each other.
+            OSError: reading ``src`` or writing the staged copy failed.
+        """
+        self._check_open("copy", dst)
+        inner = self._relative_source(src)
+        source: _Source
+        key: Any
+        if inner is None:
+            source, key = _OutsideSource(), _fspath(src)
+            try:
+                st = os.stat(key) if follow_symlinks else os.lstat(key)
+            except FileNotFoundError:
+                raise PlanError("copy", src, "the source does not exist") from None
+        else:
+            source = _PlannedSource(self)
+            key = self._resolve(src, "copy", follow_last=follow_symlinks)
+            found = self._model.lstat(key)
+            if found is None:
+                raise PlanError("copy", src, "the source does not exist") from None
+            st = found
+        rel, existing = self._target(dst, "copy", is_dir=stat.S_ISDIR(st.st_mode))
+        if (
+            isinstance(key, tuple)
+            and rel[: len(key)] == key
+            and stat.S_ISDIR(st.st_mode)
+        ):
+            raise PlanError("copy", dst, "cannot copy a directory into itself")
+        self._ensure_parents(rel)
+        dev = self._dev_of_dir(rel[:-1])
+        staged = self._new_name(self._area(dev, rel[:-1]), "s")
+        try:
+            self._copy_into(source, key, staged, follow_symlinks)
+        except BaseException:
+            self._fs.remove_tree(staged)
+            raise
+        self._add_place(staged, rel, dev, backup=existing is not None)
+        self._record(Operation("copy", join(rel), source=_fspath(src)))
+
+    def write_bytes(
+        self, dst: StrPath, data: bytes, *, mode: Optional[int] = None
+    ) -> None:
+        """Create or replace file ``dst`` with ``data``.
+
+        ``mode=None`` gives a new file the default mode (0o666 less the umask)
+        and lets a replaced file keep its mode bits.
+        """
+        self._check_open("write", dst)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise PlanError(
+                "write", dst, f"data must be bytes, not {type(data).__name__}"
+            )
+        self._write_chunks(dst, [bytes(data)], mode)
+
+    def write_text(
+        self,
+        dst: StrPath,
+        text: str,
+        *,
+        encoding: str = "utf-8",
+        mode: Optional[int] = None,
+    ) -> None:
+        """Create or replace file ``dst`` with ``text``, encoded."""
+        self._check_open("write", dst)
+        if not isinstance(text, str):
+            raise PlanError(
+                "write", dst, f"text must be str, not {type(text).__name__}"
+            )
+        self._write_chunks(dst, [text.encode(encoding)], mode)
+
+    def _write_chunks(self, dst: StrPath, chunks: Any, mode: Optional[int]) -> None:
+        rel, existing = self._target(dst, "write", is_dir=False)
+        self._ensure_parents(rel)
+        dev = self._dev_of_dir(rel[:-1])
+        area = self._area(dev, rel[:-1])
+        staged = self._stage_bytes(area, chunks, self._mode_for(rel, existing, mode))
+        self._add_place(staged, rel, dev, backup=existing is not None)
+        self._record(Operation("write", join(rel), mode=mode))
+
+    def _mode_for(
+        self, rel: Rel, existing: Optional[os.stat_result], mode: Optional[int]
+    ) -> Optional[int]:
+        return mode if mode is not None else self._kept_mode(rel, existing)
+
+    @contextlib.contextmanager
+    def open(
+        self,
+        dst: StrPath,
+        mode: str = "wb",
+        *,
+        file_mode: Optional[int] = None,
+        encoding: Optional[str] = None,
+    ) -> Iterator[IO[Any]]:
+        """A writable file whose content replaces ``dst`` when the block ends cleanly.
+
+        Args:
+            dst: the file to create or replace.
+            mode: ``"wb"`` (binary) or ``"w"``/``"wt"`` (text).
+            file_mode: mode bits, as ``mode`` of :meth:`write_bytes`.
+            encoding: for text mode (UTF-8 by default).
+        """
+        self._check_open("open", dst)
+        if mode not in ("wb", "w", "wt"):
+            raise PlanError(
+                "open", dst, f"mode must be 'wb', 'w' or 'wt', not {mode!r}"
+            )
+        rel, existing = self._target(dst, "write", is_dir=False)
+        self._ensure_parents(rel)
+        dev = self._dev_of_dir(rel[:-1])
+        area = self._area(dev, rel[:-1])
+        staged = self._new_name(area, "s")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        fd = self._fs.open(staged, flags, 0o666)
+        raw = os.fdopen(fd, "wb")
+        handle: IO[Any] = raw
+        if mode != "wb":
+            handle = io.TextIOWrapper(raw, encoding=encoding or "utf-8")
+        try:
+            yield handle
+        except BaseException:
+            handle.close()
+            self._fs.unlink(staged)
+            raise
+        handle.close()
+        chosen = self._mode_for(rel, existing, file_mode)
+        if chosen is not None:
+            self._fs.chmod(staged, chosen)
+        self._add_place(staged, rel, dev, backup=existing is not None)
+        self._record(Operation("write", join(rel), mode=file_mode))
+
+    def mkdir(self, path: StrPath, *, mode: int = 0o777) -> None:
+        """Create directory ``path`` and its parents; an existing directory is fine."""
+        self._check_open("mkdir", path)
+        rel = self._resolve(path, "mkdir")
+        st = self._model.lstat(rel)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise PlanError("mkdir", path, "a file is in the way; delete it first")
+        if st is None:
+            self._ensure_parents(rel)
+            dev = self._dev_of_dir(rel[:-1])
+            staged = self._new_name(self._area(dev, rel[:-1]), "d")
+            self._fs.mkdir(staged, mode)
+            self._add_place(staged, rel, dev, backup=False)
+        self._record(Operation("mkdir", join(rel), mode=mode))
+
+    def chmod(self, path: StrPath, mode: int) -> None:
+        """Change the mode bits of a file or directory (not a symlink)."""
+        self._check_open("chmod", path)
+        rel = self._resolve(path, "chmod")
+        loc = self._model.locate(rel)
+        st = self._fs.lstat(loc) if loc is not None else None
+        if st is None or loc is None:
+            raise PlanError("chmod", path, "it does not exist")
+        if stat.S_ISLNK(st.st_mode):
+            raise PlanError(
+                "chmod", path, "it is a symlink, which has no mode of its own"
+            )
+        if self._area_of(loc):
+            self._fs.chmod(loc, mode)  # new content: set it on the staged item now
+        else:
+            old = self._modes.get(loc, stat.S_IMODE(st.st_mode))
+            self._steps.append(Chmod(rel, mode, old, st.st_ino))
+            self._step_ops.append(len(self._operations))
+            self._modes[loc] = mode
+        self._record(Operation("chmod", join(rel), mode=mode))
+
+    def rename(self, src: StrPath, dst: StrPath) -> None:
+        """Move a file, symlink or tree inside the root (across devices too)."""
+        self._check_open("rename", src)
+        src_rel = self._resolve(src, "rename")
+        st = self._model.lstat(src_rel)
+        if st is None:
+            raise PlanError("rename", src, "the source does not exist")
+        dst_rel, existing = self._target(dst, "rename", is_dir=stat.S_ISDIR(st.st_mode))
+        if dst_rel == src_rel:
+            self._record(Operation("rename", join(dst_rel), source=join(src_rel)))
+            return
+        if dst_rel[: len(src_rel)] == src_rel:
+            raise PlanError("rename", dst, "cannot move a directory into itself")
+        self._ensure_parents(dst_rel)
+        dst_dev = self._dev_of_dir(dst_rel[:-1])
+        src_dev = self._dev_of_dir(src_rel[:-1])
+        loc = self._model.locate(src_rel)
+        assert loc is not None
+        if src_dev == dst_dev and st.st_dev == src_dev:
+            self._area(src_dev, src_rel[:-1])  # every changed device has an area
+            backup = (
+                self._new_name(self._area(dst_dev, dst_rel[:-1]), "b")
+                if existing
+                else None
+            )
+            self._steps.append(Place(src_rel, dst_rel, st.st_ino, backup, staged=False))
+            self._step_ops.append(len(self._operations))
+            self._model.move(src_rel, dst_rel)
+        else:
+            # Across devices: a staged copy on the destination's device, then
+            # the source is deleted like any other path.
+            staged = self._new_name(self._area(dst_dev, dst_rel[:-1]), "s")
+            try:
+                self._copy_into(_PlannedSource(self), src_rel, staged, follow=False)
+            except BaseException:
+                self._fs.remove_tree(staged)
+                raise
+            self._add_place(staged, dst_rel, dst_dev, backup=existing is not None)
+            self._plan_remove(src_rel, src_dev)
+        self._record(Operation("rename", join(dst_rel), source=join(src_rel)))
+
+    def delete(self, path: StrPath, *, missing_ok: bool = False) -> None:
+        """Remove a file, symlink (never its target) or whole tree."""
+        self._check_open("delete", path)
+        rel = self._resolve(path, "delete")
+        if self._model.lstat(rel) is None:
+            if not missing_ok:
+                raise PlanError("delete", path, "it does not exist")
+        else:
+            self._plan_remove(rel, self._dev_of_dir(rel[:-1]))
+        self._record(Operation("delete", join(rel)))
+
+    def _plan_remove(self, rel: Rel, dev: int) -> None:
+        backup = self._new_name(self._area(dev, rel[:-1]), "b")
+        self._steps.append(Remove(rel, backup))
+        self._step_ops.append(len(self._operations))
+        self._model.set(rel, None)
+
+    # -- finishing -------------------------------------------------------------
+
+    def _finish(self) -> None:
+        self._spent = True
+        try:
+            self._journal.close()
+        finally:
+            try:
+                self._fs.close()
+            finally:
+                self._lock.release()
+
+    def _clean_staging(self, deferred: List[Rel]) -> None:
+        for area in self._areas.values():
+            _commit.purge(self._fs, area, area, _commit.trash_for(area), deferred)
+        for top in self._area_tops:
+            with contextlib.suppress(OSError):
+                # Another transaction's staging may share this mount: leave it.
+                self._fs.rmdir(top)
+
+    def rollback(self) -> None:
+        """Discard the plan; nothing under the root has changed. The transaction is spent."""
+        if self._spent:
+            raise PlanError(
+                "roll back", self.root, "the transaction is already finished"
+            )
+        try:
+            self._clean_staging([])
+            self._journal.remove()
+        finally:
+            self._finish()
+
+    def commit(self) -> CommitReport:
+        """Apply every planned operation, all or nothing.
+
+        Returns:
+            What was done, with any deferred deletions.
+
+        Raises:
+            CommitError: the commit failed and the tree was rolled back
+                (the cause is chained).
+            RollbackError: the rollback failed too; the journal and backups
+                were kept for :func:`fstx.recover`.
+        """
+        if self._spent:
+            raise PlanError("commit", self.root, "the transaction is already finished")
+        start = time.monotonic()
+        durable = self.durability == "full"
+        steps = self._steps
+        areas = list(self._areas.values())
+        try:
+            if durable:
+                _commit.barrier(self._fs, areas, ())
+            self._journal.append([*steps, State(_journal.COMMITTING)])
+        except BaseException as exc:
+            self._abort(exc, applied=False)
+            raise AssertionError("unreachable") from exc  # pragma: no cover
+        index = -1
+        try:
+            total = len(steps)
+            for index, step in enumerate(steps):
+                _commit.apply(self._fs, step, self._retrier)
+                if self.on_progress is not None:
+                    self.on_progress(index + 1, total)
+            if durable:
+                _commit.barrier(self._fs, areas, _commit.touched_dirs(steps))
+            self._journal.append([State(_journal.COMMITTED)])
+        except BaseException as exc:
+            self._abort(exc, applied=True, index=index)
+        deferred: List[Rel] = []
+        try:
+            for backup, origin in _commit.backups_of(steps):
+                trash = _commit.trash_for(backup[:-1])
+                _commit.purge(self._fs, backup, origin, trash, deferred)
+            self._clean_staging(deferred)
+            self._journal.remove()
+        except OSError as exc:  # clean-up never undoes a commit
+            _log.warning(
+                "clean-up after the commit of %r was incomplete: %s", self.root, exc
+            )
+        finally:
+            self._finish()
+        unique = tuple(dict.fromkeys(self._fs.abspath(d) for d in deferred))
+        return CommitReport(
+            operations=len(self._operations),
+            deferred=unique,
+            retries=self._retrier.retries,
+            elapsed=time.monotonic() - start,
+        )
+
+    def _describe(self, index: int) -> Tuple[str, str]:
+        if 0 <= index < len(self._step_ops) and self._step_ops[index] < len(
+            self._operations
+        ):
+            op = self._operations[self._step_ops[index]]
+            return op.kind, op.path
+        if 0 <= index < len(self._step_ops):
+            # A step recorded before its operation finished planning cannot fail
+            # here; keep a readable fallback anyway.
+            return "apply", self.root
+        return "journal", self.root
+
+    def _abort(self, exc: BaseException, *, applied: bool, index: int = -1) -> None:
+        """Roll back after a failed commit and raise the right error."""
+        try:
+            if applied:
+                _commit.undo(self._fs, self._steps, self._retrier)
+                if self.durability == "full":
+                    _commit.barrier(
+                        self._fs,
+                        list(self._areas.values()),
+                        _commit.touched_dirs(self._steps),
+                    )
+        except BaseException as undo_exc:
+            kind, path = self._describe(index)
+            self._spent = True
+            with contextlib.suppress(OSError):
+                self._finish()
+            error = RollbackError(self.root, f"undo {kind}", path)
+            raise error from _chain(undo_exc, exc)
+        try:
+            self._clean_staging([])
+            self._journal.remove()
+        except OSError as clean_exc:
+            _log.warning(
+                "staging of %r not fully removed after rollback: %s",
+                self.root,
+                clean_exc,
+            )
+        finally:
+            self._finish()
+        if not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt and friends, after rolling back
+        kind, path = self._describe(index)
+        where = self._fs.abspath(tuple(path.split("/"))) if path != self.root else path
+        message = (
+            f"commit failed during {kind} {where!r}: {_reason(exc)}; "
+            f"the tree under {self.root!r} was rolled back"
+        )
+        raise CommitError(kind, where, message) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return (
+            exc.strerror
+            if exc.filename is None
+            else f"{exc.strerror} ({exc.filename!r})"
+        )
+    return str(exc) or type(exc).__name__
+
+
+def _chain(later: BaseException, earlier: BaseException) -> BaseException:
+    if later.__context__ is None and later is not earlier:
+        later.__context__ = earlier
+    return later
+
+
+def transaction(
+    root: StrPath,
+    *,
+    durability: str = "full",
+    retry: Optional[RetryPolicy] = None,
+    lock_timeout: Optional[float] = None,
+    on_progress: Optional[ProgressCallback] = None,
+) -> Transaction:
+    """Open a transaction on ``root``, recovering an interrupted one first.
+
+    Args:
+        root: the directory every change stays inside.
+        durability: ``"full"`` (survives power loss once committed) or
+            ``"none"`` (atomic against a process crash, no fsync at all).
+        retry: how long to wait out files in use; the default policy if None.
+        lock_timeout: seconds to wait for another transaction on the same
+            root; None waits as long as it takes.
+        on_progress: called as ``on_progress(done, total)`` while committing.
+
+    Raises:
+        LockTimeout: another transaction held the root for too long.
+        JournalError: an interrupted transaction's journal is damaged.
+    """
+    return Transaction(
+        root,
+        durability=durability,
+        retry=retry,
+        lock_timeout=lock_timeout,
+        on_progress=on_progress,
+    )
