@@ -61,7 +61,7 @@ ORIGIN_SUFFIX = ".origin"
 # the new one renamed over it: readers never find the name missing. Windows
 # cannot rename over a file that another process holds, so it moves the old
 # file away first.
-_LINK_BACKUPS = not hasattr(impl, "NO_LINK_BACKUPS")
+_LINK_BACKUPS: bool = getattr(impl, "LINK_BACKUPS", True)
 
 
 def away_name(backup: Rel) -> Rel:
@@ -219,8 +219,13 @@ def _rename_noreplace(fs: RootFS, src: Rel, dst: Rel) -> None:
 
 def _apply_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
     src, dst, backup = step.src, step.dst, step.backup
-    if _ino(fs, src) != step.ino:
+    src_ino = _ino(fs, src)
+    if src_ino is None and _ino(fs, dst) == step.ino:
         return  # already moved: a retried or repeated step
+    if src_ino != step.ino:
+        raise FileNotFoundError(
+            errno.ENOENT, "changed or removed since it was planned", fs.abspath(src)
+        )
     done = lambda: _ino(fs, src) is None  # noqa: E731 - a one-line idempotency check
     policy = retrier.policy
     if backup is None or not fs.exists(dst):

@@ -813,6 +813,9 @@ class Transaction:
         start = time.monotonic()
         durable = self.durability == "full"
         steps = self._steps
+        # Directory handles opened while planning would follow a directory
+        # that was moved since; walk from the root again, refusing symlinks.
+        self._fs.forget(())
         areas = list(self._areas.values())
         try:
             if durable:

@@ -98,10 +98,14 @@ class RootFS:
         try:
             d, name = self._at(rel)
             return _os.lstat(d, name)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except NotADirectoryError:
-            return None
+        except OSError as exc:
+            # A parent became a symlink (O_NOFOLLOW gives ELOOP): what lies
+            # behind it is not inside the root, so for us it does not exist.
+            if exc.errno == errno.ELOOP:
+                return None
+            raise
 
     def exists(self, rel: Rel) -> bool:
         """Whether ``rel`` exists (a dangling symlink exists)."""
