@@ -59,11 +59,12 @@ def _join(rel: Rel) -> str:
 
 @attrs.frozen
 class Header:
-    """The first record: format version, transaction id and root (informational)."""
+    """The first record: format version, transaction id, root (informational) and durability."""
 
     txid: str
     root: str
     version: int = VERSION
+    durable: bool = True
 
 
 @attrs.frozen

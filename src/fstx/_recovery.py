@@ -140,7 +140,8 @@ def recover_locked(fs: RootFS, retrier: Retrier) -> RecoveryReport:
         steps = journal.steps
         if state == _journal.COMMITTING:
             _commit.undo(fs, steps, retrier)
-            _commit.barrier(fs, journal.areas, _commit.touched_dirs(steps))
+            if journal.header is None or journal.header.durable:
+                _commit.barrier(fs, journal.areas, _commit.touched_dirs(steps))
             rolled_back = True
         elif state == _journal.COMMITTED:
             for backup, origin in _commit.backups_of(steps):

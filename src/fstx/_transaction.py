@@ -268,7 +268,8 @@ class Transaction:
             self._fs, (STAGING, f"{self._txid}.journal"), durable=False
         )
         try:
-            self._journal.append([Header(self._txid, self.root), Area(area)])
+            header = Header(self._txid, self.root, durable=self.durability == "full")
+            self._journal.append([header, Area(area)])
             self._fs.mkdir(area, 0o700)
         except BaseException:
             self._journal.remove()
