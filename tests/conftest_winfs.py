@@ -1,0 +1,30 @@
+"""Pytest plugin: the ``winfs`` fixture, a FUSE mount with Windows-like sharing rules.
+
+Enable it with ``pytest_plugins = ["conftest_winfs"]`` in ``tests/conftest.py``
+(or in one test module).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+import pytest
+
+from winfs import WinFS, mount, unavailable
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+@pytest.fixture
+def winfs(tmp_path: Path) -> Iterator[WinFS]:
+    """A fresh winfs mount at ``tmp_path/"mnt"`` over ``tmp_path/"backing"``.
+
+    Skips the test when FUSE cannot run here. Holders still running under the
+    mount are killed and the mount is removed when the test ends, pass or fail.
+    """
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(f"winfs: {reason}")
+    with mount(tmp_path / "backing", tmp_path / "mnt") as fs:
+        yield fs
