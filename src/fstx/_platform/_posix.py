@@ -19,15 +19,18 @@ from typing import Callable, List, Optional, Tuple
 
 from fstx._platform._types import Dir
 
+# Never imported on Windows (fstx._platform chooses); this also tells mypy
+# --platform win32 to skip the rest of the module.
+assert sys.platform != "win32"
+
 _log = logging.getLogger("fstx")
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 
-if sys.platform == "linux":  # pragma: no branch
-    _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-    _RENAME_NOREPLACE = 1  # linux/fs.h
-    _RENAME_EXCHANGE = 2
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCHANGE = 2
 
 
 def _load_libc() -> Optional[ctypes.CDLL]:
@@ -100,15 +103,15 @@ def rename(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
 
 
 def _renameat2(sd: Dir, sn: str, dd: Dir, dn: str, flags: int) -> None:
-    if sys.platform != "linux" or _libc is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not available", sn)
+    # None on other systems, without libc, or with glibc < 2.28.
     func = getattr(_libc, "renameat2", None)
-    if func is None:  # glibc < 2.28
+    if func is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available", sn)
     rc = func(sd.fd, os.fsencode(sn), dd.fd, os.fsencode(dn), flags)
     if rc != 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.path.join(sd.path, sn))
+        src, dst = os.path.join(sd.path, sn), os.path.join(dd.path, dn)
+        raise OSError(err, os.strerror(err), src, None, dst)
 
 
 def rename_noreplace(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
@@ -135,9 +138,10 @@ def exchange(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
     Raises:
         OSError: ``ENOSYS``/``EINVAL`` where the kernel or file system lacks it.
     """
-    if sys.platform != "linux":
-        raise OSError(errno.ENOSYS, "atomic exchange is not available", sn)
-    _renameat2(sd, sn, dd, dn, _RENAME_EXCHANGE)
+    if sys.platform == "linux":
+        _renameat2(sd, sn, dd, dn, _RENAME_EXCHANGE)
+        return
+    raise OSError(errno.ENOSYS, "atomic exchange is not available", sn)
 
 
 def link(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
@@ -161,7 +165,7 @@ def open_file(d: Dir, name: str, flags: int, mode: int = 0o666) -> int:
 
 
 def chmod(d: Dir, name: str, mode: int) -> None:
-    """Change the mode bits of a file or directory (the caller checked it is no symlink)."""
+    """Change the mode bits of a file or directory (the caller checked: no symlink)."""
     os.chmod(name, mode, dir_fd=d.fd)
 
 
@@ -171,14 +175,15 @@ def utime(d: Dir, name: str, ns: Tuple[int, int]) -> None:
 
 
 def fsync(fd: int) -> None:
-    """Flush a file to stable storage (``F_FULLFSYNC`` on macOS, where fsync does not)."""
+    """Flush a file to stable storage (``F_FULLFSYNC`` on macOS: fsync does not)."""
     if sys.platform == "darwin":
         import fcntl  # noqa: PLC0415 - POSIX-only module, imported where used
 
         try:
             fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
         except OSError as exc:
-            # Some file systems (network, FUSE) refuse F_FULLFSYNC; fsync is the best left.
+            # Some file systems (network, FUSE) refuse F_FULLFSYNC; fsync is all
+            # that is left.
             if exc.errno not in (errno.ENOTSUP, errno.EINVAL, errno.ENOTTY):
                 raise
         else:
@@ -200,9 +205,7 @@ def fsync_dir(d: Dir) -> None:
 
 def syncfs(d: Dir) -> bool:
     """Flush the whole file system holding ``d`` in one call; False if unsupported."""
-    if sys.platform != "linux" or _libc is None:
-        return False
-    func = getattr(_libc, "syncfs", None)
+    func = getattr(_libc, "syncfs", None)  # Linux only
     if func is None:
         return False
     if func(d.fd) != 0:
@@ -267,28 +270,27 @@ def copy_fd(src: int, dst: int) -> None:
 
 
 def holders(path: str) -> List[Tuple[int, str]]:
-    """Processes holding ``path`` open, by reading ``/proc/*/fd`` (Linux only)."""
-    if not os.path.isdir("/proc/self/fd"):
-        return []
+    """Processes holding ``path`` open or mapped, this one included, as ``(pid, name)``.
+
+    Read from ``/proc/*/fd`` and ``/proc/*/maps`` (Linux); processes of other
+    users are not visible without privileges. Empty where there is no
+    ``/proc`` (macOS) or ``path`` is gone: this only improves an error message.
+    """
     try:
         want = os.stat(path, follow_symlinks=False)
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
     except OSError:
         return []
-    found: List[Tuple[int, str]] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        if _holds(entry, want):
-            found.append((int(entry), _process_name(entry)))
-    return found
+    real = os.fsencode(os.path.realpath(path))
+    return [(int(pid), _process_name(pid)) for pid in pids if _holds(pid, want, real)]
 
 
-def _holds(pid: str, want: os.stat_result) -> bool:
+def _holds(pid: str, want: os.stat_result, real: bytes) -> bool:
     fd_dir = f"/proc/{pid}/fd"
     try:
         fds = os.listdir(fd_dir)
     except OSError:  # the process ended, or is not ours to look at
-        return False
+        fds = []
     for fd in fds:
         try:
             st = os.stat(os.path.join(fd_dir, fd))
@@ -297,11 +299,37 @@ def _holds(pid: str, want: os.stat_result) -> bool:
         if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
             return True
     try:  # a mapped image (executable, shared library) counts as held too
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
-            key = f" {want.st_ino} "
-            return any(key in line for line in maps)
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            return any(
+                _maps_line_matches(line, want.st_dev, want.st_ino, real)
+                for line in maps
+            )
     except OSError:
         return False
+
+
+def _maps_line_matches(line: bytes, dev: int, ino: int, path: bytes) -> bool:
+    """Whether a ``/proc/PID/maps`` line maps the file with ``st_dev``/``st_ino``.
+
+    A line reads ``address perms offset MAJOR:MINOR inode pathname``, the
+    device in hex (proc(5)). Inode numbers repeat across file systems, so the
+    device must match too. btrfs subvolumes and overlayfs can show there a
+    device or inode other than ``stat`` gives (the backing one), so the exact
+    path of a live mapping also counts.
+    """
+    fields = line.split(maxsplit=5)
+    if len(fields) < 5:
+        return False
+    try:
+        major, minor = (int(part, 16) for part in fields[3].split(b":"))
+        inode = int(fields[4])
+    except ValueError:
+        return False
+    if inode == 0:  # anonymous memory, the heap, the stack
+        return False
+    if inode == ino and os.makedev(major, minor) == dev:
+        return True
+    return len(fields) == 6 and fields[5].rstrip(b"\n") == path
 
 
 def _process_name(pid: str) -> str:
@@ -326,6 +354,12 @@ def clear_readonly(d: Dir, name: str) -> None:
 def set_readonly(d: Dir, name: str) -> None:
     """Windows only: set the read-only attribute. Nothing to do on POSIX."""
     del d, name
+
+
+def schedule_delete_on_reboot(path: str) -> bool:
+    """Windows only: nothing on POSIX holds a file against deletion; always False."""
+    del path
+    return False
 
 
 def is_dir_stat(st: os.stat_result) -> bool:
