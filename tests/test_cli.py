@@ -934,16 +934,6 @@ def test_install_calls_the_integration(
     assert fake_integration[-1]["durability"] == "full"
 
 
-def test_install_missing_wheel_exits_1(
-    run: Run, tmp_path: pathlib.Path, fake_integration: List[Dict[str, Any]]
-) -> None:
-    result = run("install", tmp_path / "nope.whl", "--prefix", tmp_path / "p")
-    assert result.code == 1
-    assert_one_paragraph(result.err, "cannot install", "nope.whl", "no such file")
-    assert fake_integration == []
-    assert not (tmp_path / "p").exists()
-
-
 def test_install_failure_exits_1_and_removes_new_prefix(
     run: Run, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -972,14 +962,9 @@ def test_install_failure_exits_1_and_removes_new_prefix(
 def test_install_without_installer_package_says_what_to_pip_install(
     run: Run, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = importlib.import_module
-
-    def without_installer(name: str, package: Optional[str] = None) -> types.ModuleType:
-        if name == "fstx.integrations.installer":
-            raise ModuleNotFoundError("No module named 'installer'", name="installer")
-        return real(name, package)
-
-    monkeypatch.setattr(importlib, "import_module", without_installer)
+    # As if `installer` were not installed: importing it raises ModuleNotFoundError.
+    monkeypatch.setitem(sys.modules, "installer", None)
+    monkeypatch.delitem(sys.modules, "fstx.integrations.installer", raising=False)
     wheel = tmp_path / "a-1.0-py3-none-any.whl"
     wheel.write_bytes(b"")
     result = run("install", wheel, "--prefix", tmp_path / "p")
@@ -988,6 +973,22 @@ def test_install_without_installer_package_says_what_to_pip_install(
         result.err, "'installer' package is missing", "pip install fstx[installer]"
     )
     assert not (tmp_path / "p").exists()
+
+
+def test_install_with_a_broken_integration_exits_1(
+    run: Run, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.import_module
+
+    def broken(name: str, package: Optional[str] = None) -> types.ModuleType:
+        if name == "fstx.integrations.installer":
+            raise ImportError("cannot import name 'x' from 'fstx'")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    result = run("install", tmp_path / "a.whl", "--prefix", tmp_path / "p")
+    assert result.code == 1
+    assert_one_paragraph(result.err, "cannot install wheels: cannot import name 'x'")
 
 
 def _tiny_wheel(where: pathlib.Path, version: str) -> pathlib.Path:
@@ -1030,11 +1031,18 @@ def _real_integration() -> Optional[types.ModuleType]:
 )
 def test_install_real_wheels(tmp_path: pathlib.Path) -> None:
     prefix = tmp_path / "venv"
+    missing = run_process("install", tmp_path / "nope.whl", "--prefix", prefix)
+    assert missing.code == 1
+    assert_one_paragraph(missing.err, "cannot install", "nope.whl", "no wheel file")
+    assert not prefix.exists()
     first = run_process("install", _tiny_wheel(tmp_path, "1.0"), "--prefix", prefix)
     assert first.code == 0, first.err
     inits = sorted(prefix.rglob("tinypkg/__init__.py"))
     assert len(inits) == 1
     assert inits[0].read_text() == "VERSION = '1.0'\n"
+    again = run_process("install", _tiny_wheel(tmp_path, "2.0"), "--prefix", prefix)
+    assert again.code == 1  # installed already, and no --upgrade
+    assert_one_paragraph(again.err, "fstx install: cannot install", "tinypkg")
     upgraded = run_process(
         "install", _tiny_wheel(tmp_path, "2.0"), "--prefix", prefix, "--upgrade"
     )

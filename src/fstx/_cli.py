@@ -573,15 +573,23 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _missing_installer(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it came from, is "no module named installer"."""
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        name = seen.name if isinstance(seen, ModuleNotFoundError) else None
+        if name is not None and name.split(".")[0] == "installer":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _cmd_install(args: argparse.Namespace) -> int:
-    for wheel in args.wheels:
-        if not os.path.isfile(wheel):
-            raise _CliError(f"cannot install {wheel!r}: there is no such file")
     try:
         # Imported here: the integration needs the optional `installer` package.
         integration = importlib.import_module("fstx.integrations.installer")
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "installer":
+    except ImportError as exc:
+        if _missing_installer(exc):
             raise _CliError(
                 "cannot install wheels: the optional 'installer' package is missing; "
                 "run `pip install fstx[installer]`"
