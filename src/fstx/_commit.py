@@ -61,7 +61,7 @@ ORIGIN_SUFFIX = ".origin"
 # the new one renamed over it: readers never find the name missing. Windows
 # cannot rename over a file that another process holds, so it moves the old
 # file away first.
-_LINK_BACKUPS: bool = getattr(impl, "LINK_BACKUPS", True)
+_LINK_BACKUPS: bool = impl.LINK_BACKUPS
 
 
 def away_name(backup: Rel) -> Rel:
@@ -269,11 +269,19 @@ def _apply_remove(fs: RootFS, step: Remove, retrier: Retrier) -> None:
     path, backup = step.path, step.backup
     st = fs.lstat(path)
     if st is None:
+        # Gone already, unless a parent is no longer a directory of ours (a
+        # symlink swapped in since planning reads as absent): then opening the
+        # parent fails, and so does the commit. A parent that is gone too is fine.
+        with contextlib.suppress(FileNotFoundError):
+            fs.dir(path[:-1])
         return
     budget = retrier.policy.defer_after if stat.S_ISDIR(st.st_mode) else None
+    # A rename that reported a transient error but happened is not repeated.
+    done = lambda: _ino(fs, path) is None and _ino(fs, backup) == st.st_ino  # noqa: E731
     try:
         retrier.call(
             fs.rename, path, backup, operation="delete", path=path, budget=budget,
+            already_done=done,
         )  # fmt: skip
     except OSError as exc:
         if not is_transient(exc):

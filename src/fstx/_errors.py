@@ -78,6 +78,9 @@ class InUseError(FstxError, OSError):
         self._winerror = winerror
         super().__init__(err, self._describe(path), path)
         self.path = path
+        if winerror is not None:
+            # OSError has ``winerror`` only on Windows; keep the code everywhere.
+            self.winerror = winerror
 
     def _describe(self, path: object) -> str:
         if self.holders:
@@ -129,7 +132,7 @@ class RollbackError(FstxError):
         )
 
 
-class LockTimeout(FstxError, TimeoutError):
+class LockTimeout(FstxError, TimeoutError):  # noqa: N818 - the name is fixed by the spec
     """Another transaction held the root's lock for longer than ``lock_timeout``."""
 
     def __init__(self, root: object, timeout: float) -> None:

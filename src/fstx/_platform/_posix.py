@@ -25,6 +25,10 @@ assert sys.platform != "win32"
 
 _log = logging.getLogger("fstx")
 
+LINK_BACKUPS = True
+"""A replaced file is hard-linked into staging, then renamed over: readers never
+find the name missing."""
+
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC
 

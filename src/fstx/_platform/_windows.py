@@ -39,6 +39,10 @@ ERROR_INVALID_PARAMETER = 87
 ERROR_MORE_DATA = 234
 
 # MoveFileExW flags (MoveFileEx docs).
+LINK_BACKUPS = False
+"""Windows cannot rename over a file another process holds, so the engine moves
+the old file into staging first instead of hard-linking a backup beside it."""
+
 MOVEFILE_REPLACE_EXISTING = 0x1
 MOVEFILE_DELAY_UNTIL_REBOOT = 0x4
 MOVEFILE_WRITE_THROUGH = 0x8
