@@ -648,9 +648,14 @@ class Transaction:
                 "open", dst, f"mode must be 'wb', 'w' or 'wt', not {mode!r}"
             )
         rel, existing = self._target(dst, "write", is_dir=False)
-        self._ensure_parents(rel)
-        dev = self._dev_of_dir(rel[:-1])
-        area = self._area(dev, rel[:-1])
+        # Missing parents are planned only once the block succeeds, so that a
+        # failed block leaves the plan as it was; they would be staged on the
+        # device of their nearest existing ancestor, so the file is staged there.
+        top = rel[:-1]
+        while top and self._model.lstat(top) is None:
+            top = top[:-1]
+        dev = self._dev_of_dir(top)
+        area = self._area(dev, top)
         staged = self._new_name(area, "s")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         fd = self._fs.open(staged, flags, 0o666)
@@ -665,6 +670,7 @@ class Transaction:
             self._fs.unlink(staged)
             raise
         handle.close()
+        self._ensure_parents(rel)
         chosen = self._mode_for(rel, existing, file_mode)
         if chosen is not None:
             self._fs.chmod(staged, chosen)
