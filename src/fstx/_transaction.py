@@ -838,6 +838,7 @@ class Transaction:
                 _commit.apply(self._fs, step, self._retrier)
                 if self.on_progress is not None:
                     self.on_progress(index + 1, total)
+            index = total  # every step is in place: what fails now is the journal's
             if durable:
                 _commit.barrier(self._fs, areas, _commit.touched_dirs(steps))
             self._journal.append([State(_journal.COMMITTED)])
