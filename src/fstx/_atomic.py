@@ -12,8 +12,7 @@ directory's own descriptor) for as long as the temporary exists, so
 :func:`sweep` can tell a dead writer's leftover from a live writer's work by
 trying the lock without waiting (the liveness test used by ``flock(1)`` and
 tox-dev/filelock). Where there are no such locks (Windows, some network and
-FUSE file systems), :func:`sweep` falls back on the age of the entry; on
-Windows an open file cannot be deleted anyway.
+FUSE file systems), :func:`sweep` falls back on the age of the entry.
 """
 
 from __future__ import annotations
@@ -77,9 +76,10 @@ TEMP_PREFIX = ".fstx-tmp-"
 _EXIST = ("replace", "keep")
 _DURABILITY = ("full", "none")
 
-# Windows cannot rename a file that is still open (CPython opens without
-# FILE_SHARE_DELETE). POSIX keeps it open until the name is gone, so that the
-# writer's flock covers the temporary's whole life.
+# POSIX keeps the temporary open until its name is gone, so that the writer's
+# flock covers its whole life. Windows has no flock to keep, and closes first so
+# that a reader opening the new entry without sharing write access does not meet
+# our write handle (CreateFileW's share modes make that a sharing violation).
 _CLOSE_BEFORE_RENAME = sys.platform == "win32"
 
 # FlushFileBuffers needs write access on Windows; fsync(2) is fine with O_RDONLY.
@@ -106,12 +106,12 @@ _RACE_ATTEMPTS = 64
 if sys.platform == "win32":
 
     def _lock(fd: int, *, wait: bool) -> Optional[bool]:
-        """Windows has no flock; an open handle already keeps a file from deletion."""
+        """Windows has no flock: sweep goes by age alone there."""
         del fd, wait
         return None
 
     def _claim(d: Dir, name: str, is_dir: bool) -> Tuple[bool, Optional[int]]:
-        """No locks to try: the age test decides (and an open file resists deletion)."""
+        """No locks to try: the age test decides."""
         del d, name, is_dir
         return True, None
 
