@@ -126,6 +126,11 @@ def barrier(fs: RootFS, areas: Iterable[Rel], dirs: Iterable[Rel]) -> None:
     pending = set(dirs)
     synced_all = True
     for area in areas:
+        if not fs.is_dir(area):
+            # Swept already by a recovery that was itself interrupted: no
+            # handle on that device, so fsync the directories one by one.
+            synced_all = False
+            continue
         if not _os.syncfs(fs.dir(area)):
             synced_all = False
             _fsync_tree(fs, area)
@@ -339,12 +344,25 @@ def _undo_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
         retrier.call(fs.rename, dst, src, operation="undo", path=dst)
     if backup is not None and restore is not None:
         if fs.exists(dst) and fs.same(restore, dst):
-            retrier.call(fs.unlink, restore, operation="undo", path=restore)
+            _drop_link(fs, restore)
         else:
             retrier.call(fs.rename, restore, dst, operation="undo", path=dst)
         other = away_name(backup) if restore == backup else backup
         if fs.exists(other) and fs.same(other, dst):
-            fs.unlink(other)
+            _drop_link(fs, other)
+
+
+def _drop_link(fs: RootFS, rel: Rel) -> None:
+    # A second name of the old file, which is back in place. While the file is
+    # in use no name of it can be removed (Windows rules, winfs): the name
+    # stays for the clean-up, which puts it in the trash. Undo must not fail
+    # for a leftover.
+    try:
+        fs.unlink(rel)
+    except OSError as exc:
+        if not is_transient(exc):
+            raise
+        _log.debug("second name %r of a file in use left for clean-up", join(rel))
 
 
 def _undo_remove(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
@@ -427,7 +445,25 @@ def trash_for(area: Rel) -> Rel:
 def _to_trash(
     fs: RootFS, rel: Rel, origin: Rel, trash: Rel, deferred: List[Rel], exc: OSError
 ) -> None:
+    name = origin[-1] if origin else rel[-1]
+    entry = _entry_of(fs, rel, origin) if origin in deferred else None
+    if entry is not None:
+        # Another name of a file deferred already (its hard-link backup and
+        # the old file moved away): it joins that entry, which stays one
+        # entry, deferred and reported once.
+        n = 1
+        while fs.exists((*entry, f"{name}.{n}")):
+            n += 1
+        try:
+            fs.rename(rel, (*entry, f"{name}.{n}"))
+        except OSError as move_exc:
+            _log.warning(
+                "cannot move a second name of %r to the trash (%s); it stays in "
+                "staging", join(origin), move_exc,
+            )  # fmt: skip
+        return
     token = secrets.token_hex(8)
+    # Each entry is a directory, so that every name of one file fits in it.
     target = (*trash, token)
     deferred.append(origin)
     try:
@@ -436,16 +472,55 @@ def _to_trash(
                 fs.mkdir(d)
         # The note comes first: an entry is never in the trash without it.
         _write_origin(fs, (*ROOT_TRASH, token + ORIGIN_SUFFIX), origin, target)
-        fs.rename(rel, target)
+        fs.mkdir(target, 0o700)
+        fs.rename(rel, (*target, name))
     except OSError as move_exc:
         _log.warning(
             "cannot remove %r (%s) nor move it to the trash (%s); it stays in staging",
             join(origin), exc, move_exc,
         )  # fmt: skip
+        _drop_entry(fs, token, target)
         return
-    _log.warning(
-        "%r is in use; deferred its removal to the next recovery", join(origin)
-    )
+    if is_transient(exc):
+        _log.warning("%r is in use; deferred its removal to the next recovery", join(origin))
+    else:
+        _log.warning(
+            "%r could not be removed (%s); deferred its removal to the next recovery",
+            join(origin), exc,
+        )  # fmt: skip
+
+
+def _drop_entry(fs: RootFS, token: str, target: Rel) -> None:
+    # What stays in staging is swept by the next recovery: an empty entry and
+    # its note would only report it as in the trash.
+    try:
+        if fs.exists(target):
+            fs.rmdir(target)
+        note = (*ROOT_TRASH, token + ORIGIN_SUFFIX)
+        if fs.exists(note):
+            fs.unlink(note)
+        for d in {target[:-1], ROOT_TRASH}:
+            if fs.exists(d) and not fs.listdir(d):
+                fs.rmdir(d)
+    except OSError as exc:
+        _log.debug("empty trash entry %r left for recovery: %s", join(target), exc)
+
+
+def _entry_of(fs: RootFS, rel: Rel, origin: Rel) -> Optional[Rel]:
+    """The trash entry deferred from ``origin`` that holds another name of ``rel``."""
+    try:
+        names = fs.listdir(ROOT_TRASH)
+    except OSError:
+        return None
+    for note in sorted(names):
+        if not note.endswith(ORIGIN_SUFFIX):
+            continue
+        path, item = read_origin(fs, (*ROOT_TRASH, note))
+        if path != origin or item is None or not fs.is_dir(item):
+            continue
+        if any(fs.same((*item, child), rel) for child in fs.listdir(item)):
+            return item
+    return None
 
 
 def _write_origin(fs: RootFS, rel: Rel, origin: Rel, item: Rel) -> None:

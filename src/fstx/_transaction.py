@@ -8,6 +8,7 @@ the commit is a short run of renames (see :mod:`fstx._commit`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -187,6 +188,32 @@ class _PlannedSource(_Source):
 
     def readlink(self, key: Any) -> str:
         return self.tx._fs.readlink(self._loc(key))
+
+
+class _StagedFile(io.RawIOBase):
+    """A staged file's descriptor, written through the OS seam like every other write."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        _os.write(self._fd, view.tobytes())
+        return len(view)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                _os.close(self._fd)
+            finally:
+                super().close()
 
 
 class Transaction:
@@ -659,7 +686,7 @@ class Transaction:
         staged = self._new_name(area, "s")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         fd = self._fs.open(staged, flags, 0o666)
-        raw = os.fdopen(fd, "wb")
+        raw = io.BufferedWriter(_StagedFile(fd))
         handle: IO[Any] = raw
         if mode != "wb":
             handle = io.TextIOWrapper(raw, encoding=encoding or "utf-8")
@@ -786,10 +813,22 @@ class Transaction:
     def _clean_staging(self, deferred: List[Rel]) -> None:
         for area in self._areas.values():
             _commit.purge(self._fs, area, area, _commit.trash_for(area), deferred)
+        left = [area for area in self._areas.values() if self._fs.exists(area)]
         for top in self._area_tops:
-            with contextlib.suppress(OSError):
-                # Another transaction's staging may share this mount: leave it.
+            try:
                 self._fs.rmdir(top)
+            except OSError as exc:
+                # Another transaction's staging may share this mount: leave it.
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    left.append(top)
+        if left:
+            # Only the journal lists the areas (a mount's among them): raising
+            # keeps it, so that the next recovery sweeps what is left.
+            raise OSError(
+                errno.ENOTEMPTY,
+                "staging left for the next recovery (purge failed)",
+                self._fs.abspath(left[0]),
+            )
 
     def rollback(self) -> None:
         """Discard the plan; nothing under the root has changed. The transaction is spent."""
@@ -800,6 +839,10 @@ class Transaction:
         try:
             self._clean_staging([])
             self._journal.remove()
+        except OSError as exc:
+            # Nothing under the root changed; the kept journal lets the next
+            # recovery sweep the staging (e.g. on a mount gone read-only).
+            _log.warning("staging of %r not fully removed: %s", self.root, exc)
         finally:
             self._finish()
 
@@ -832,6 +875,7 @@ class Transaction:
             self._abort(exc, applied=False)
             raise AssertionError("unreachable") from exc  # pragma: no cover
         index = -1
+        recorded = False
         try:
             total = len(steps)
             for index, step in enumerate(steps):
@@ -841,16 +885,21 @@ class Transaction:
             index = total  # every step is in place: what fails now is the journal's
             if durable:
                 _commit.barrier(self._fs, areas, _commit.touched_dirs(steps))
+            recorded = True  # from here the commit record may reach the journal
             self._journal.append([State(_journal.COMMITTED)])
         except BaseException as exc:
-            self._abort(exc, applied=True, index=index)
+            self._abort(exc, applied=True, index=index, recorded=recorded)
         deferred: List[Rel] = []
         try:
             for backup, origin in _commit.backups_of(steps):
                 trash = _commit.trash_for(backup[:-1])
                 _commit.purge(self._fs, backup, origin, trash, deferred)
             self._clean_staging(deferred)
-            self._journal.remove()
+            # Last: a journal that will not go is trashed and reported, like
+            # any leftover, rather than left to look like a pending transaction.
+            self._journal.close()
+            rel = self._journal.rel
+            _commit.purge(self._fs, rel, rel, _commit.ROOT_TRASH, deferred)
         except OSError as exc:  # clean-up never undoes a commit
             _log.warning(
                 "clean-up after the commit of %r was incomplete: %s", self.root, exc
@@ -877,10 +926,22 @@ class Transaction:
             return "apply", self.root
         return "journal", self.root
 
-    def _abort(self, exc: BaseException, *, applied: bool, index: int = -1) -> None:
+    def _abort(
+        self,
+        exc: BaseException,
+        *,
+        applied: bool,
+        index: int = -1,
+        recorded: bool = False,
+    ) -> None:
         """Roll back after a failed commit and raise the right error."""
         try:
             if applied:
+                if recorded and os.fstat(self._journal.fd).st_size > self._journal.size:
+                    # The commit record reached the journal but its fsync
+                    # failed: say "committing" again before undoing, or a crash
+                    # mid-undo would be rolled forward from a half-undone tree.
+                    self._journal.append([State(_journal.COMMITTING)])
                 _commit.undo(self._fs, self._steps, self._retrier)
                 if self.durability == "full":
                     _commit.barrier(
@@ -896,7 +957,13 @@ class Transaction:
             error = RollbackError(self.root, f"undo {kind}", path)
             raise error from _chain(undo_exc, exc)
         try:
-            self._clean_staging([])
+            # A backup left after the undo is a second name of an old file in
+            # use (winfs, Windows): it goes to the trash under its own path.
+            left: List[Rel] = []
+            for backup, origin in _commit.backups_of(self._steps):
+                trash = _commit.trash_for(backup[:-1])
+                _commit.purge(self._fs, backup, origin, trash, left)
+            self._clean_staging(left)
             self._journal.remove()
         except OSError as clean_exc:
             _log.warning(
@@ -921,7 +988,8 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return (
             exc.strerror
-            if exc.filename is None
+            # InUseError's own text quotes its path already.
+            if exc.filename is None or repr(exc.filename) in exc.strerror
             else f"{exc.strerror} ({exc.filename!r})"
         )
     return str(exc) or type(exc).__name__
