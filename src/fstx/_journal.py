@@ -16,6 +16,7 @@ undecodable (surrogate-escaped) names through unchanged.
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
@@ -179,7 +180,8 @@ def _check_rel(value: object, problems: List[str], where: str) -> None:
         problems.append(f"{where}: path must be a non-empty string")
         return
     parts = value.split("/")
-    if value.startswith(("/", "\\")) or ":" in parts[0]:
+    # Only what is absolute here: on POSIX "\\x" and "C:x" are plain names.
+    if value.startswith(("/", os.sep)) or os.path.splitdrive(value)[0]:
         problems.append(f"{where}: absolute path {value!r} refused")
     elif any(p in ("", ".", "..") for p in parts):
         problems.append(f"{where}: path {value!r} leaves the root or is not normal")
