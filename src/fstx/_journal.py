@@ -193,10 +193,13 @@ def _build(fields: Dict[str, Any], problems: List[str], where: str) -> Optional[
     if cls is None:
         problems.append(f"{where}: unknown record type {kind!r}")
         return None
+    found = len(problems)
     for name in _PATH_FIELDS & fields.keys():
         if name == "backup" and fields[name] is None:
             continue
         _check_rel(fields[name], problems, where)
+    if len(problems) > found:
+        return None  # a path that is not a string would break the converters
     try:
         record: Record = cls(**fields)
     except (TypeError, ValueError) as exc:
