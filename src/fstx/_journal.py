@@ -208,6 +208,25 @@ def _build(fields: Dict[str, Any], problems: List[str], where: str) -> Optional[
     return record
 
 
+def _runs_on(line: bytes) -> bool:
+    """Whether ``line`` is a whole, valid record with more text after it.
+
+    That is two records run together by a damaged newline. A torn append
+    loses the end of what was written; it never glues text after a record.
+    """
+    crc, _, raw = line.partition(b" ")
+    try:
+        want = int(crc, 16) if len(crc) == 8 else -1
+    except ValueError:
+        return False
+    end = raw.find(b"}")
+    while 0 <= end < len(raw) - 1:
+        if zlib.crc32(raw[: end + 1]) == want:
+            return True
+        end = raw.find(b"}", end + 1)
+    return False
+
+
 def parse(data: bytes, name: str) -> Journal:
     """Parse and validate a journal, collecting every problem before raising.
 
@@ -232,7 +251,7 @@ def parse(data: bytes, name: str) -> Journal:
         except ValueError:
             good = False
         if not good:
-            if number == len(lines) and not torn:
+            if number == len(lines) and not torn and not _runs_on(line):
                 torn = True  # a whole line with a bad checksum at the end: torn too
                 continue
             problems.append(f"{where}: checksum mismatch")
