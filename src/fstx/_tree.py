@@ -47,6 +47,7 @@ class RootFS:
         self.root = root
         self.top = _os.open_root(root)
         self._dirs: OrderedDict[Rel, Dir] = OrderedDict()
+        self._pinned: Optional[Rel] = None
 
     def close(self) -> None:
         """Close every handle."""
@@ -73,6 +74,8 @@ class RootFS:
         d = _os.open_dir(parent, rel[-1])
         self._dirs[rel] = d
         if len(self._dirs) > _CACHE_SIZE:
+            if next(iter(self._dirs)) == self._pinned:
+                self._dirs.move_to_end(self._pinned)  # in use by a two-path call
             _, old = self._dirs.popitem(last=False)
             _os.close_dir(old)
         return d
@@ -88,6 +91,16 @@ class RootFS:
         if not rel:
             raise OSError(errno.EINVAL, "the root itself cannot be changed", self.root)
         return self.dir(rel[:-1]), rel[-1]
+
+    def _at2(self, src: Rel, dst: Rel) -> Tuple[Dir, str, Dir, str]:
+        # Resolving a deep dst may evict (close) src's handle: keep it pinned.
+        sd, sn = self._at(src)
+        self._pinned = src[:-1]
+        try:
+            dd, dn = self._at(dst)
+        finally:
+            self._pinned = None
+        return sd, sn, dd, dn
 
     # -- queries -------------------------------------------------------------
 
@@ -154,24 +167,21 @@ class RootFS:
 
     def rename(self, src: Rel, dst: Rel) -> None:
         """Rename ``src`` to ``dst``, replacing a file or symlink there."""
-        sd, sn = self._at(src)
-        dd, dn = self._at(dst)
+        sd, sn, dd, dn = self._at2(src, dst)
         self.forget(src)
         self.forget(dst)
         _os.rename(sd, sn, dd, dn)
 
     def rename_noreplace(self, src: Rel, dst: Rel) -> None:
         """Rename, failing with ``FileExistsError`` if ``dst`` exists."""
-        sd, sn = self._at(src)
-        dd, dn = self._at(dst)
+        sd, sn, dd, dn = self._at2(src, dst)
         self.forget(src)
         self.forget(dst)
         _os.rename_noreplace(sd, sn, dd, dn)
 
     def link(self, src: Rel, dst: Rel) -> None:
         """Hard-link ``dst`` to ``src``."""
-        sd, sn = self._at(src)
-        dd, dn = self._at(dst)
+        sd, sn, dd, dn = self._at2(src, dst)
         _os.link(sd, sn, dd, dn)
 
     def symlink(self, target: str, rel: Rel) -> None:
