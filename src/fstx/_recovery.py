@@ -151,6 +151,9 @@ def recover_locked(fs: RootFS, retrier: Retrier) -> RecoveryReport:
             rolled_forward = True
         for area in journal.areas:
             _commit.purge(fs, area, area, _commit.trash_for(area), deferred)
+            _drop_mount_staging(fs, area[:-1])
+        if any(fs.exists(area) for area in journal.areas):
+            continue  # the journal alone lists them: kept for the next recovery
         fs.unlink(rel)
     # Staging areas of transactions that died before their journal's first
     # append survived (their names are fixed-length: tx-<16 hex>).
@@ -203,9 +206,18 @@ def _empty_trash(fs: RootFS) -> Tuple[int, List[Rel]]:
         purged += 1
         if fs.exists(note):
             fs.unlink(note)
+        _drop_mount_staging(fs, item[:-1])
+        _drop_mount_staging(fs, item[:-2])
     if fs.exists(ROOT_TRASH) and not fs.listdir(ROOT_TRASH):
         fs.rmdir(ROOT_TRASH)
     return purged, still
+
+
+def _drop_mount_staging(fs: RootFS, rel: Rel) -> None:
+    """Remove a mount's emptied staging directory (or its trash); the root's stays."""
+    if rel and rel[0] != STAGING and STAGING in rel and fs.is_dir(rel):
+        if not fs.listdir(rel):
+            fs.rmdir(rel)
 
 
 def status(root: "str | os.PathLike[str]") -> Status:
