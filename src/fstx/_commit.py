@@ -311,6 +311,11 @@ def _move_entries(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
                     raise _in_use(fs, child, "delete", exc) from exc
                 raise
             _move_entries(fs, child, target, retrier)
+    # A rollback may have to recreate the directory from its backup (a file in
+    # use keeps the backup from moving back): the backup keeps its mode.
+    st = fs.lstat(path)
+    if st is not None:
+        fs.chmod(backup, stat.S_IMODE(st.st_mode))
     retrier.call(fs.rmdir, path, operation="delete", path=path)
 
 
@@ -371,8 +376,27 @@ def _undo_remove(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
         return
     here = fs.lstat(path)
     if here is None:
-        retrier.call(fs.rename, backup, path, operation="undo delete", path=path)
-        return
+        if not stat.S_ISDIR(st.st_mode):
+            retrier.call(fs.rename, backup, path, operation="undo delete", path=path)
+            return
+        try:
+            retrier.call(
+                fs.rename, backup, path, operation="undo delete", path=path,
+                budget=retrier.policy.defer_after,
+            )  # fmt: skip
+        except OSError as exc:
+            if not is_transient(exc):
+                raise
+        else:
+            return
+        # A file in use below keeps the directory from moving back (Windows,
+        # winfs), as it kept it from moving away: recreate it, with its mode,
+        # and move the entries back one by one.
+        mode = stat.S_IMODE(st.st_mode)
+        fs.mkdir(path, mode)
+        fs.chmod(path, mode)
+        here = fs.lstat(path)
+        assert here is not None
     if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(here.st_mode):
         # A directory whose entries were moved one by one: move them back.
         for name in fs.listdir(backup):
