@@ -473,6 +473,18 @@ class Transaction:
             self._fs.mkdir(staged, 0o777)
             self._add_place(staged, parent, dev, backup=False)
 
+    def _nearest_dir(self, rel: Rel) -> Rel:
+        """The nearest planned ancestor of ``rel`` that exists.
+
+        Missing parents would be staged on its device, so new content for
+        ``rel`` can be staged there before the parents are planned: a call
+        that fails while staging then leaves the plan as it was.
+        """
+        top = rel[:-1]
+        while top and self._model.lstat(top) is None:
+            top = top[:-1]
+        return top
+
     def _add_place(self, staged: Rel, dst: Rel, dev: int, *, backup: bool) -> None:
         st = self._fs.lstat(staged)
         assert st is not None
@@ -596,14 +608,15 @@ class Transaction:
             and stat.S_ISDIR(st.st_mode)
         ):
             raise PlanError("copy", dst, "cannot copy a directory into itself")
-        self._ensure_parents(rel)
-        dev = self._dev_of_dir(rel[:-1])
-        staged = self._new_name(self._area(dev, rel[:-1]), "s")
+        top = self._nearest_dir(rel)  # parents are planned once the copy is staged
+        dev = self._dev_of_dir(top)
+        staged = self._new_name(self._area(dev, top), "s")
         try:
             self._copy_into(source, key, staged, follow_symlinks)
         except BaseException:
             self._fs.remove_tree(staged)
             raise
+        self._ensure_parents(rel)
         self._add_place(staged, rel, dev, backup=existing is not None)
         self._record(Operation("copy", join(rel), source=_fspath(src)))
 
@@ -675,12 +688,7 @@ class Transaction:
                 "open", dst, f"mode must be 'wb', 'w' or 'wt', not {mode!r}"
             )
         rel, existing = self._target(dst, "write", is_dir=False)
-        # Missing parents are planned only once the block succeeds, so that a
-        # failed block leaves the plan as it was; they would be staged on the
-        # device of their nearest existing ancestor, so the file is staged there.
-        top = rel[:-1]
-        while top and self._model.lstat(top) is None:
-            top = top[:-1]
+        top = self._nearest_dir(rel)  # parents are planned once the block succeeds
         dev = self._dev_of_dir(top)
         area = self._area(dev, top)
         staged = self._new_name(area, "s")
