@@ -113,6 +113,10 @@ def _split_parts(text: str) -> List[str]:
 class _Source:
     """A tree to copy from: outside the root (plain paths) or inside it (planned)."""
 
+    def follow(self, key: Any) -> Any:
+        """``key`` with its symlinks resolved (plain paths: the OS follows them)."""
+        return key
+
     def lstat(self, key: Any) -> os.stat_result:
         raise NotImplementedError
 
@@ -188,6 +192,9 @@ class _PlannedSource(_Source):
 
     def readlink(self, key: Any) -> str:
         return self.tx._fs.readlink(self._loc(key))
+
+    def follow(self, key: Any) -> Any:
+        return self.tx._resolve(join(key), "copy", follow_last=True)
 
 
 class _StagedFile(io.RawIOBase):
@@ -507,6 +514,8 @@ class Transaction:
         return staged
 
     def _copy_into(self, source: _Source, key: Any, staged: Rel, follow: bool) -> None:
+        if follow:
+            key = source.follow(key)  # a link inside the tree: copy what it points at
         st = source.stat(key) if follow else source.lstat(key)
         if stat.S_ISLNK(st.st_mode):
             self._fs.symlink(source.readlink(key), staged)
