@@ -43,12 +43,23 @@ def _pyenv_bins() -> list[str]:
 os.environ["PATH"] = os.pathsep.join([*_pyenv_bins(), os.environ.get("PATH", "")])
 
 
+# Stress and kill-sweep suites: they test timing and processes, not the Python
+# version, and they are the bulk of the suite's time. The full run covers them.
+STRESS_SUITES = [
+    "tests/test_readers.py",
+    "tests/test_concurrency.py",
+    "tests/test_atomic_concurrency.py",
+]
+STRESS_TESTS = "killed_at_any_moment"  # kill sweeps not marked slow (yet)
+
+
 @nox.session(python=VERSIONS)
 def tests(session: nox.Session) -> None:
     """Install fstx (not editable) with its test extras and run the fast suite."""
     session.install(".[test]")
+    ignored = [f"--ignore={path}" for path in STRESS_SUITES]
     session.run(
         "python", "-m", "pytest", "-n", "2", "-p", "no:cacheprovider",
-        "-m", "not slow and not fuse and not root",
-        *session.posargs,
+        "-m", "not slow and not fuse and not root", "-k", f"not {STRESS_TESTS}",
+        *ignored, *session.posargs,
     )  # fmt: skip

@@ -104,15 +104,13 @@ class PlanEntry:
     """One parsed entry of a plan file, ready to be applied to a transaction.
 
     Attributes:
-        where: the entry's place, for messages (``plan.json[3]``).
-        op: the operation as the plan names it.
+        where: the entry's place and op, for messages (``plan.json[3] (copy)``).
         method: the :class:`fstx.Transaction` method that carries it out.
         args: its positional arguments.
         kwargs: its keyword arguments.
     """
 
     where: str
-    op: str
     method: str
     args: Tuple[Any, ...]
     kwargs: Mapping[str, Any]
@@ -216,17 +214,17 @@ def _parse_entry(entry: object, where: str, base: str) -> PlanEntry:
 
     if op == "copy":
         src = os.path.join(base, path("src"))  # an absolute src stays as it is
-        return PlanEntry(where, op, "copy", (src, path("dst")), flag("follow_symlinks"))
+        return PlanEntry(where, "copy", (src, path("dst")), flag("follow_symlinks"))
     if op == "rename":
-        return PlanEntry(where, op, "rename", (path("src"), path("dst")), {})
+        return PlanEntry(where, "rename", (path("src"), path("dst")), {})
     if op == "delete":
-        return PlanEntry(where, op, "delete", (path("path"),), flag("missing_ok"))
+        return PlanEntry(where, "delete", (path("path"),), flag("missing_ok"))
     if op == "mkdir":
         chosen = mode("mode")
         kwargs = {} if chosen is None else {"mode": chosen}
-        return PlanEntry(where, op, "mkdir", (path("path"),), kwargs)
+        return PlanEntry(where, "mkdir", (path("path"),), kwargs)
     if op == "chmod":
-        return PlanEntry(where, op, "chmod", (path("path"), mode("mode")), {})
+        return PlanEntry(where, "chmod", (path("path"), mode("mode")), {})
     return _parse_write(entry, where, path("dst"), mode("mode"))
 
 
@@ -248,7 +246,7 @@ def _parse_write(
                 f'{where}: "encoding" {encoding!r} is not a known codec'
             ) from None
         kwargs: Dict[str, Any] = {"encoding": encoding, "mode": mode}
-        return PlanEntry(where, "write", "write_text", (dst, text), kwargs)
+        return PlanEntry(where, "write_text", (dst, text), kwargs)
     if "encoding" in entry:
         raise _bad_input(f'{where}: "encoding" goes with "text", not with "base64"')
     raw = entry["base64"]
@@ -258,7 +256,7 @@ def _parse_write(
         data = base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise _bad_input(f'{where}: "base64" is not valid base64 ({exc})') from None
-    return PlanEntry(where, "write", "write_bytes", (dst, data), {"mode": mode})
+    return PlanEntry(where, "write_bytes", (dst, data), {"mode": mode})
 
 
 def load_plan(text: str, name: str, base: str) -> List[PlanEntry]:
