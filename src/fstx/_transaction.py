@@ -662,10 +662,11 @@ class Transaction:
 
     def _write_chunks(self, dst: StrPath, chunks: Any, mode: Optional[int]) -> None:
         rel, existing = self._target(dst, "write", is_dir=False)
-        self._ensure_parents(rel)
-        dev = self._dev_of_dir(rel[:-1])
-        area = self._area(dev, rel[:-1])
+        top = self._nearest_dir(rel)
+        dev = self._dev_of_dir(top)  # parents are planned once the content is staged
+        area = self._area(dev, top)
         staged = self._stage_bytes(area, chunks, self._mode_for(rel, existing, mode))
+        self._ensure_parents(rel)
         self._add_place(staged, rel, dev, backup=existing is not None)
         self._record(Operation("write", join(rel), mode=mode))
 
