@@ -22,7 +22,7 @@ import attrs
 
 from fstx import _commit, _journal
 from fstx._commit import ROOT_TRASH, STAGING, TRASH
-from fstx._errors import JournalError
+from fstx._errors import JournalError, RollbackError
 from fstx._lock import LOCK_NAME, RootLock
 from fstx._retry import Retrier
 from fstx._tree import Rel, RootFS, join
@@ -139,9 +139,14 @@ def recover_locked(fs: RootFS, retrier: Retrier) -> RecoveryReport:
         state = journal.state
         steps = journal.steps
         if state == _journal.COMMITTING:
-            _commit.undo(fs, steps, retrier)
-            if journal.header is None or journal.header.durable:
-                _commit.barrier(fs, journal.areas, _commit.touched_dirs(steps))
+            try:
+                _commit.undo(fs, steps, retrier)
+                if journal.header is None or journal.header.durable:
+                    _commit.barrier(fs, journal.areas, _commit.undone_dirs(steps))
+            except OSError as exc:
+                # The journal stays: the next recovery starts the undo again.
+                where = exc.filename if exc.filename is not None else fs.root
+                raise RollbackError(fs.root, "undo an interrupted commit at", where) from exc
             rolled_back = True
         elif state == _journal.COMMITTED:
             for backup, origin in _commit.backups_of(steps):
@@ -154,6 +159,8 @@ def recover_locked(fs: RootFS, retrier: Retrier) -> RecoveryReport:
             _drop_mount_staging(fs, area[:-1])
         if any(fs.exists(area) for area in journal.areas):
             continue  # the journal alone lists them: kept for the next recovery
+        if journal.header is None or journal.header.durable:
+            _commit.settle_areas(fs, journal.areas)
         fs.unlink(rel)
     # Staging areas of transactions that died before their journal's first
     # append survived (their names are fixed-length: tx-<16 hex>).
