@@ -518,13 +518,6 @@ def test_read_only_mount_at_commit_rolls_back_and_recovery_finishes(
 # --- a bind mount of the root's own file system ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=fstx.CommitError,
-    reason="engine bug: staging areas are chosen by st_dev, and a bind mount of the "
-    "same file system has the root's st_dev, so the commit's rename crosses "
-    "mounts and fails with EXDEV (rolled back cleanly)",
-)
 def test_bind_mount_of_the_same_file_system_inside_the_root(
     root: Path, mounts: Mounts, tmp_path: Path
 ) -> None:

@@ -31,7 +31,7 @@ import logging
 import os
 import secrets
 import stat
-from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from fstx import _journal, _os
 from fstx._errors import InUseError
@@ -116,12 +116,17 @@ class JournalFile:
 # -- durability barriers ---------------------------------------------------
 
 
-def barrier(fs: RootFS, areas: Iterable[Rel], dirs: Iterable[Rel]) -> None:
-    """Make everything written so far under ``areas`` and in ``dirs`` durable.
+def barrier(
+    fs: RootFS, areas: Iterable[Rel], dirs: Iterable[Rel], *, staged: bool = False
+) -> None:
+    """Make the entries of ``dirs`` durable, and with ``staged`` what is staged under ``areas``.
 
     One ``syncfs`` per staging area's file system where the platform has it
-    (Linux), else an fsync of every file in the areas and of every directory
-    in ``dirs``.
+    (Linux), else an fsync of every directory (or, for a changed mode, file)
+    in ``dirs`` and, with ``staged``, of every file and directory in the
+    areas. Only the barrier before the journal needs ``staged``: after the
+    renames, what is left in the areas is old content (backups, deleted
+    items), durable already.
     """
     pending = set(dirs)
     synced_all = True
@@ -133,15 +138,31 @@ def barrier(fs: RootFS, areas: Iterable[Rel], dirs: Iterable[Rel]) -> None:
             continue
         if not _os.syncfs(fs.dir(area)):
             synced_all = False
+            if not staged:
+                continue
             _fsync_tree(fs, area)
+            # The names of the area and of its staging directory may be new
+            # too (a root's first transaction, a mount's first area).
+            pending.update(area[:i] for i in range(max(len(area) - 2, 0), len(area)))
     if synced_all and pending:
         # syncfs covered the devices of the areas; a directory on another
         # device (not possible today: every step's device has an area) would
         # still need its own fsync.
         return
     for rel in sorted(pending, key=len, reverse=True):
-        if fs.is_dir(rel):
+        st = fs.lstat(rel)
+        if st is not None and stat.S_ISDIR(st.st_mode):
             fs.fsync_dir(rel)
+        elif st is not None and stat.S_ISREG(st.st_mode):
+            _fsync_file(fs, rel)  # a changed mode lives in the file's inode
+
+
+def _fsync_file(fs: RootFS, rel: Rel) -> None:
+    fd = fs.open(rel, os.O_RDONLY)
+    try:
+        _os.fsync(fd)
+    finally:
+        _os.close(fd)
 
 
 def _fsync_tree(fs: RootFS, rel: Rel) -> None:
@@ -152,26 +173,96 @@ def _fsync_tree(fs: RootFS, rel: Rel) -> None:
         if stat.S_ISDIR(st.st_mode):
             fs.fsync_dir(item)
             continue
-        fd = fs.open(item, os.O_RDONLY)
-        try:
-            _os.fsync(fd)
-        finally:
-            _os.close(fd)
+        _fsync_file(fs, item)
+
+
+def settle_areas(fs: RootFS, areas: Iterable[Rel]) -> None:
+    """Make the removal of staging areas outside the root's ``.fstx`` durable.
+
+    Recovery finds the root's own areas by name, a mount's only through the
+    journal: the journal may go only once they are gone for good, or a power
+    cut could leave them behind with nothing naming them.
+    """
+    for area in areas:
+        if area[:-1] == (STAGING,):
+            continue
+        for rel in (area[:-1], area[:-2]):
+            if fs.is_dir(rel):
+                fs.fsync_dir(rel)
+                break
 
 
 def touched_dirs(steps: Iterable[Step]) -> Set[Rel]:
-    """Every directory whose entries the steps change."""
-    dirs: Set[Rel] = set()
-    for step in steps:
+    """Every directory whose entries the steps change, and every item whose mode they change.
+
+    Without ``syncfs`` these are fsynced one by one: a mode lives in the
+    item's own inode, which an fsync of its directory does not flush. Each
+    is named where it is once every step has run: a directory that a later
+    step moved is fsynced under its new name.
+    """
+    return _named_after(list(steps), undone=False)
+
+
+def undone_dirs(steps: Iterable[Step]) -> Set[Rel]:
+    """What :func:`touched_dirs` names, but where it is once the steps are undone.
+
+    Undoing a step changes the directories the step changed; by the end of
+    the undo, a directory that an earlier step had moved in is back where
+    it came from, and is fsynced there.
+    """
+    return _named_after(list(steps), undone=True)
+
+
+def _changed(step: Step) -> List[Rel]:
+    if isinstance(step, Place):
+        found = [step.src[:-1], step.dst[:-1]]
+        if step.backup is not None:
+            found.append(step.backup[:-1])
+        return found
+    if isinstance(step, Remove):
+        return [step.path[:-1], step.backup[:-1]]
+    return [step.path]
+
+
+def _named_after(steps: List[Step], *, undone: bool) -> Set[Rel]:
+    # Moves by the name they take an item from: forward, a step's source;
+    # undone, its destination (the undo moves it back).
+    moves: Dict[Rel, List[Tuple[int, Rel]]] = {}
+    for j, step in enumerate(steps):
         if isinstance(step, Place):
-            dirs.add(step.src[:-1])
-            dirs.add(step.dst[:-1])
-            if step.backup is not None:
-                dirs.add(step.backup[:-1])
+            src, dst = step.src, step.dst
         elif isinstance(step, Remove):
-            dirs.add(step.path[:-1])
-            dirs.add(step.backup[:-1])
-    return dirs
+            src, dst = step.path, step.backup
+        else:
+            continue
+        if undone:
+            src, dst = dst, src
+        moves.setdefault(src, []).append((j, dst))
+    return {
+        _follow(rel, i, moves, undone=undone)
+        for i, step in enumerate(steps)
+        for rel in _changed(step)
+    }
+
+
+def _follow(
+    rel: Rel, at: int, moves: Dict[Rel, List[Tuple[int, Rel]]], *, undone: bool
+) -> Rel:
+    """The name ``rel`` (as of step ``at``) has after the later steps, or the undo."""
+    while True:
+        # The next move of this name or of a directory above it: the first
+        # later step forward, the last earlier step when undone.
+        found: Optional[Tuple[int, int, Rel]] = None
+        for n in range(1, len(rel) + 1):
+            for j, dst in moves.get(rel[:n], ()):
+                if not ((j < at) if undone else (j > at)):
+                    continue
+                if found is None or ((j > found[0]) if undone else (j < found[0])):
+                    found = (j, n, dst)
+        if found is None:
+            return rel
+        at, n, dst = found
+        rel = (*dst, *rel[n:])
 
 
 # -- applying steps --------------------------------------------------------
@@ -322,16 +413,49 @@ def _move_entries(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
 # -- undoing steps ---------------------------------------------------------
 
 
-def undo(fs: RootFS, steps: Sequence[Step], retrier: Retrier) -> None:
-    """Undo ``steps`` in reverse order; idempotent, and a no-op for steps never run."""
-    for step in reversed(steps):
-        if isinstance(step, Place):
-            _undo_place(fs, step, retrier)
-        elif isinstance(step, Remove):
-            _undo_remove(fs, step.path, step.backup, retrier)
-        elif _ino(fs, step.path) == step.ino:
-            retrier.call(fs.chmod, step.path, step.old_mode, operation="restore mode",
-                         path=step.path)  # fmt: skip
+def undo(
+    fs: RootFS, steps: Sequence[Step], retrier: Retrier, *, last_failed: bool = False
+) -> None:
+    """Undo ``steps`` in reverse order; idempotent, and a no-op for steps never run.
+
+    With ``last_failed``, the last step is the one whose failure stopped the
+    commit: if its path cannot be reached any more (a parent swapped for a
+    symlink, ``ELOOP``) and it left nothing in staging, it never reached the
+    tree either, and is skipped instead of failing the whole rollback.
+    """
+    for i, step in enumerate(reversed(steps)):
+        try:
+            _undo_step(fs, step, retrier)
+        except OSError as exc:
+            if not (last_failed and i == 0 and exc.errno == errno.ELOOP):
+                raise
+            if _left_in_staging(fs, step):
+                raise
+            _log.debug("undo: %s could not have reached the tree (%s)", step, exc)
+
+
+def _undo_step(fs: RootFS, step: Step, retrier: Retrier) -> None:
+    if isinstance(step, Place):
+        _undo_place(fs, step, retrier)
+    elif isinstance(step, Remove):
+        _undo_remove(fs, step.path, step.backup, retrier)
+    elif _ino(fs, step.path) == step.ino:
+        retrier.call(fs.chmod, step.path, step.old_mode, operation="restore mode",
+                     path=step.path)  # fmt: skip
+
+
+def _left_in_staging(fs: RootFS, step: Step) -> bool:
+    """Whether a step left anything in staging that undo would have to put back."""
+    if isinstance(step, Place):
+        if step.staged and _ino(fs, step.src) is None:
+            return True
+        backup = step.backup
+        return backup is not None and (
+            fs.exists(backup) or fs.exists(away_name(backup))
+        )
+    if isinstance(step, Remove):
+        return fs.exists(step.backup)
+    return False
 
 
 def _undo_place(fs: RootFS, step: Place, retrier: Retrier) -> None:

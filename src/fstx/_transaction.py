@@ -40,6 +40,7 @@ from fstx._errors import CommitError, PlanError, RollbackError
 from fstx._journal import Area, Chmod, Header, Place, Remove, State, Step
 from fstx._lock import RootLock
 from fstx._model import PlannedTree
+from fstx._platform import impl
 from fstx._retry import Retrier, RetryPolicy
 from fstx._tree import Rel, RootFS, join
 
@@ -48,9 +49,12 @@ __all__ = ["CommitReport", "Operation", "Transaction", "transaction"]
 _log = logging.getLogger("fstx")
 
 StrPath = Union[str, "os.PathLike[str]"]
+DeviceKey = Tuple[int, int]
+"""A mount: its device number and mount id (0 where the platform has none)."""
 ProgressCallback = Callable[[int, int], None]
 
 _MAX_SYMLINKS = 40
+_EUID: Optional[int] = os.geteuid() if hasattr(os, "geteuid") else None
 _DURABILITY = ("full", "none")
 
 
@@ -96,12 +100,22 @@ class Operation:
 
 
 def _fspath(value: object) -> str:
-    if isinstance(value, bytes):
-        return os.fsdecode(value)
-    if isinstance(value, (str, os.PathLike)):
-        path = os.fspath(value)
-        return os.fsdecode(path) if isinstance(path, bytes) else path
-    raise TypeError(f"expected a str or os.PathLike path, not {type(value).__name__}")
+    if type(value) is str:  # the common case first: isinstance() on an ABC is slow
+        return value
+    try:
+        path = os.fspath(value)  # type: ignore[call-overload]  # checked just below
+    except TypeError:
+        raise TypeError(
+            f"expected a str or os.PathLike path, not {type(value).__name__}"
+        ) from None
+    return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
+def _writable(st: os.stat_result) -> bool:
+    """Whether we may create entries in a directory we staged (its mode may deny it)."""
+    if _EUID is None:  # Windows: only the read-only attribute, shown as mode bits
+        return bool(st.st_mode & stat.S_IWRITE)
+    return _EUID == 0 or (st.st_uid == _EUID and st.st_mode & 0o300 == 0o300)
 
 
 def _split_parts(text: str) -> List[str]:
@@ -258,7 +272,8 @@ class Transaction:
         self._step_ops: List[int] = []
         self._spent = False
         self._modes: Dict[Rel, int] = {}
-        self._areas: Dict[int, Rel] = {}
+        self._areas: Dict[DeviceKey, Rel] = {}
+        self._keys: Dict[Rel, DeviceKey] = {}
         self._area_tops: List[Rel] = []
         self._counter = 0
         self._txid = secrets.token_hex(8)
@@ -266,8 +281,10 @@ class Transaction:
             raise PlanError("open a transaction on", self.root, "it is not a directory")
         self._root_real = os.path.realpath(self.root)
         staging = os.path.join(self.root, STAGING)
+        self._new_staging = False
         try:
             os.mkdir(staging)
+            self._new_staging = True
         except FileExistsError:
             if os.path.islink(staging) or not os.path.isdir(staging):
                 raise PlanError(
@@ -293,7 +310,11 @@ class Transaction:
 
         recover_locked(self._fs, self._retrier)
         self._model = PlannedTree(self._fs)
-        self._root_dev = os.fstat(self._fs.top.fd).st_dev if self._fs.top.fd >= 0 else 0
+        if self._new_staging and self.durability == "full":
+            # The root's first transaction: the staging directory's name must
+            # be durable before anything in it is (the journal, the areas).
+            self._fs.fsync_dir(())
+        self._root_dev = self._device_key(())
         area = (STAGING, f"tx-{self._txid}")
         # The journal exists from the start (not yet durable: nothing under the
         # root changes before commit), so a crash while planning leaves a
@@ -366,7 +387,18 @@ class Transaction:
             if inner is None:
                 raise PlanError(op, text, f"it is outside the root {self.root!r}")
             text = inner
-        todo: Deque[str] = deque(_split_parts(text))
+        parts = _split_parts(text)
+        if not follow_last and len(parts) > 1 and ".." not in parts:
+            # The parent as planned is a directory reached without a symlink
+            # (the planned tree never resolves through one): the walk below
+            # would find the same path, one lookup per component.
+            try:
+                st = self._model.lstat(tuple(parts[:-1]))
+            except OSError:  # a symlink on the way (ELOOP): the walk resolves it
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                return self._checked(tuple(parts), path, op)
+        todo: Deque[str] = deque(parts)
         out: List[str] = []
         links = 0
         while todo:
@@ -408,7 +440,9 @@ class Transaction:
             if todo and not stat.S_ISDIR(st.st_mode):
                 raise PlanError(op, path, f"{join(cand)!r} is not a directory")
             out.append(name)
-        rel = tuple(out)
+        return self._checked(tuple(out), path, op)
+
+    def _checked(self, rel: Rel, path: object, op: str) -> Rel:
         if not rel:
             raise PlanError(op, path, "that is the root itself")
         if rel[0] == STAGING or any(rel[: len(t)] == t for t in self._area_tops):
@@ -429,16 +463,28 @@ class Transaction:
                 op, path, "the transaction is already committed or rolled back"
             )
 
-    def _dev_of_dir(self, rel: Rel) -> int:
+    def _dev_of_dir(self, rel: Rel) -> DeviceKey:
         loc = self._model.locate(rel)
-        st = self._fs.lstat(loc) if loc is not None else None
-        if st is None:
+        if loc is None or not self._fs.is_dir(loc):
             raise PlanError(
                 "stage", join(rel), "its directory disappeared while planning"
             )
-        return st.st_dev
+        return self._device_key(loc)
 
-    def _area(self, dev: int, near: Rel) -> Rel:
+    def _device_key(self, loc: Rel) -> DeviceKey:
+        """The mount holding directory ``loc``: its device and mount id.
+
+        A bind mount shares its device number with the file system it shows,
+        yet a rename across it fails (EXDEV): staging is chosen per mount.
+        """
+        key = self._keys.get(loc)
+        if key is None:
+            d = self._fs.dir(loc)
+            key = (impl.stat_dir(d).st_dev, impl.mount_id(d))
+            self._keys[loc] = key
+        return key
+
+    def _area(self, dev: DeviceKey, near: Rel) -> Rel:
         area = self._areas.get(dev)
         if area is not None:
             return area
@@ -448,18 +494,19 @@ class Transaction:
         assert loc is not None
         top = loc
         while top:
-            st = self._fs.lstat(top[:-1])
-            if st is None or st.st_dev != dev:
+            if self._device_key(top[:-1]) != dev:
                 break
             top = top[:-1]
         staging = (*top, STAGING)
-        if not self._fs.exists(staging):
-            self._fs.mkdir(staging, 0o755)
         area = (*staging, f"tx-{self._txid}")
+        # Journaled before anything is made: a crash from here on lets
+        # recovery find the area, and the mount's staging directory, to sweep.
         self._journal.append([Area(area)])
-        self._fs.mkdir(area, 0o700)
         self._areas[dev] = area
         self._area_tops.append(staging)
+        if not self._fs.exists(staging):
+            self._fs.mkdir(staging, 0o755)
+        self._fs.mkdir(area, 0o700)
         return area
 
     def _new_name(self, area: Rel, kind: str) -> Rel:
@@ -470,11 +517,13 @@ class Transaction:
         return any(loc[: len(a)] == a for a in self._areas.values())
 
     def _ensure_parents(self, rel: Rel) -> None:
-        for i in range(1, len(rel)):
+        # From the parent up to the nearest one that exists (usually the
+        # parent itself), then the missing ones downwards.
+        top = len(rel) - 1
+        while top > 0 and self._model.lstat(rel[:top]) is None:
+            top -= 1
+        for i in range(top + 1, len(rel)):
             parent = rel[:i]
-            st = self._model.lstat(parent)
-            if st is not None:
-                continue
             dev = self._dev_of_dir(rel[: i - 1])
             staged = self._new_name(self._area(dev, rel[: i - 1]), "d")
             self._fs.mkdir(staged, 0o777)
@@ -492,7 +541,50 @@ class Transaction:
             top = top[:-1]
         return top
 
-    def _add_place(self, staged: Rel, dst: Rel, dev: int, *, backup: bool) -> None:
+    def _inline(self, rel: Rel, top: Rel) -> Optional[Rel]:
+        """Where new content for ``rel`` can be made at its final place in staging.
+
+        When the nearest existing ancestor ``top`` is a directory that this
+        transaction stages (a new directory, or a copied tree), and nothing
+        was planned yet at ``rel`` or its missing parents, the new item can
+        be made inside that staged directory: it moves into place with the
+        directory's own step, so it needs no step, journal record or rename
+        of its own. Returns the staged directory for ``top``, or None.
+        """
+        loc = self._model.locate(top)
+        if loc is None or not loc or not self._area_of(loc):
+            return None  # a real directory: its new entries come by steps
+        first = rel[: len(top) + 1]
+        if self._model.planned(first):
+            return None  # an earlier step acts on this path: keep the order
+        st = self._model.lstat(top)
+        if st is None or not stat.S_ISDIR(st.st_mode) or not _writable(st):
+            return None
+        if self._fs.lstat((*loc, first[-1])) is not None:
+            return None  # an item planned away from here is still there until commit
+        return loc
+
+    def _make_inline(self, rel: Rel, top: Rel, loc: Rel) -> List[Rel]:
+        """Make the missing parents of ``rel`` inside ``loc``, top down."""
+        made: List[Rel] = []
+        at = loc
+        try:
+            for name in rel[len(top) : -1]:
+                at = (*at, name)
+                self._fs.mkdir(at, 0o777)
+                made.append(at)
+        except BaseException:
+            self._unmake(made)
+            raise
+        return made
+
+    def _unmake(self, made: List[Rel]) -> None:
+        for d in reversed(made):
+            self._fs.rmdir(d)
+
+    def _add_place(
+        self, staged: Rel, dst: Rel, dev: DeviceKey, *, backup: bool
+    ) -> None:
         st = self._fs.lstat(staged)
         assert st is not None
         backup_rel = self._new_name(self._area(dev, dst[:-1]), "b") if backup else None
@@ -500,17 +592,20 @@ class Transaction:
         self._step_ops.append(len(self._operations))
         self._model.set(dst, staged)
 
-    def _stage_bytes(self, area: Rel, chunks: Any, mode: Optional[int]) -> Rel:
-        staged = self._new_name(area, "s")
+    def _stage_bytes(self, staged: Rel, chunks: Any, mode: Optional[int]) -> Rel:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         fd = self._fs.open(staged, flags, 0o666)
         try:
-            for chunk in chunks:
-                _os.write(fd, chunk)
-        finally:
-            _os.close(fd)
-        if mode is not None:
-            self._fs.chmod(staged, mode)
+            try:
+                for chunk in chunks:
+                    _os.write(fd, chunk)
+            finally:
+                _os.close(fd)
+            if mode is not None:
+                self._fs.chmod(staged, mode)
+        except BaseException:
+            self._fs.unlink(staged)
+            raise
         return staged
 
     def _copy_into(self, source: _Source, key: Any, staged: Rel, follow: bool) -> None:
@@ -619,14 +714,22 @@ class Transaction:
             raise PlanError("copy", dst, "cannot copy a directory into itself")
         top = self._nearest_dir(rel)  # parents are planned once the copy is staged
         dev = self._dev_of_dir(top)
-        staged = self._new_name(self._area(dev, top), "s")
+        inline = None if existing is not None else self._inline(rel, top)
+        made: List[Rel] = []
+        if inline is not None:
+            made = self._make_inline(rel, top, inline)
+            staged = (*inline, *rel[len(top) :])
+        else:
+            staged = self._new_name(self._area(dev, top), "s")
         try:
             self._copy_into(source, key, staged, follow_symlinks)
         except BaseException:
             self._fs.remove_tree(staged)
+            self._unmake(made)
             raise
-        self._ensure_parents(rel)
-        self._add_place(staged, rel, dev, backup=existing is not None)
+        if inline is None:
+            self._ensure_parents(rel)
+            self._add_place(staged, rel, dev, backup=existing is not None)
         self._record(Operation("copy", join(rel), source=_fspath(src)))
 
     def write_bytes(
@@ -663,9 +766,21 @@ class Transaction:
     def _write_chunks(self, dst: StrPath, chunks: Any, mode: Optional[int]) -> None:
         rel, existing = self._target(dst, "write", is_dir=False)
         top = self._nearest_dir(rel)
+        inline = None if existing is not None else self._inline(rel, top)
+        if inline is not None:
+            made = self._make_inline(rel, top, inline)
+            try:
+                self._stage_bytes((*inline, *rel[len(top) :]), chunks, mode)
+            except BaseException:
+                self._unmake(made)
+                raise
+            self._record(Operation("write", join(rel), mode=mode))
+            return
         dev = self._dev_of_dir(top)  # parents are planned once the content is staged
         area = self._area(dev, top)
-        staged = self._stage_bytes(area, chunks, self._mode_for(rel, existing, mode))
+        staged = self._stage_bytes(
+            self._new_name(area, "s"), chunks, self._mode_for(rel, existing, mode)
+        )
         self._ensure_parents(rel)
         self._add_place(staged, rel, dev, backup=existing is not None)
         self._record(Operation("write", join(rel), mode=mode))
@@ -700,10 +815,19 @@ class Transaction:
         rel, existing = self._target(dst, "write", is_dir=False)
         top = self._nearest_dir(rel)  # parents are planned once the block succeeds
         dev = self._dev_of_dir(top)
-        area = self._area(dev, top)
-        staged = self._new_name(area, "s")
+        inline = None if existing is not None else self._inline(rel, top)
+        made: List[Rel] = []
+        if inline is not None:
+            made = self._make_inline(rel, top, inline)
+            staged = (*inline, *rel[len(top) :])
+        else:
+            staged = self._new_name(self._area(dev, top), "s")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = self._fs.open(staged, flags, 0o666)
+        try:
+            fd = self._fs.open(staged, flags, 0o666)
+        except BaseException:
+            self._unmake(made)
+            raise
         raw = io.BufferedWriter(_StagedFile(fd))
         handle: IO[Any] = raw
         if mode != "wb":
@@ -713,13 +837,16 @@ class Transaction:
         except BaseException:
             handle.close()
             self._fs.unlink(staged)
+            self._unmake(made)
             raise
         handle.close()
-        self._ensure_parents(rel)
+        if inline is None:
+            self._ensure_parents(rel)
         chosen = self._mode_for(rel, existing, file_mode)
         if chosen is not None:
             self._fs.chmod(staged, chosen)
-        self._add_place(staged, rel, dev, backup=existing is not None)
+        if inline is None:
+            self._add_place(staged, rel, dev, backup=existing is not None)
         self._record(Operation("write", join(rel), mode=file_mode))
 
     def mkdir(self, path: StrPath, *, mode: int = 0o777) -> None:
@@ -729,7 +856,16 @@ class Transaction:
         st = self._model.lstat(rel)
         if st is not None and not stat.S_ISDIR(st.st_mode):
             raise PlanError("mkdir", path, "a file is in the way; delete it first")
-        if st is None:
+        top = self._nearest_dir(rel) if st is None else rel
+        inline = self._inline(rel, top) if st is None else None
+        if inline is not None:
+            made = self._make_inline(rel, top, inline)
+            try:
+                self._fs.mkdir((*inline, *rel[len(top) :]), mode)
+            except BaseException:
+                self._unmake(made)
+                raise
+        elif st is None:
             self._ensure_parents(rel)
             dev = self._dev_of_dir(rel[:-1])
             staged = self._new_name(self._area(dev, rel[:-1]), "d")
@@ -751,6 +887,7 @@ class Transaction:
             )
         if self._area_of(loc):
             self._fs.chmod(loc, mode)  # new content: set it on the staged item now
+            self._model.changed(rel)
         else:
             old = self._modes.get(loc, stat.S_IMODE(st.st_mode))
             self._steps.append(Chmod(rel, mode, old, st.st_ino))
@@ -776,7 +913,8 @@ class Transaction:
         src_dev = self._dev_of_dir(src_rel[:-1])
         loc = self._model.locate(src_rel)
         assert loc is not None
-        if src_dev == dst_dev and st.st_dev == src_dev:
+        same = not stat.S_ISDIR(st.st_mode) or self._device_key(loc) == src_dev
+        if src_dev == dst_dev and same:
             self._area(src_dev, src_rel[:-1])  # every changed device has an area
             backup = (
                 self._new_name(self._area(dst_dev, dst_rel[:-1]), "b")
@@ -810,7 +948,7 @@ class Transaction:
             self._plan_remove(rel, self._dev_of_dir(rel[:-1]))
         self._record(Operation("delete", join(rel)))
 
-    def _plan_remove(self, rel: Rel, dev: int) -> None:
+    def _plan_remove(self, rel: Rel, dev: DeviceKey) -> None:
         backup = self._new_name(self._area(dev, rel[:-1]), "b")
         self._steps.append(Remove(rel, backup))
         self._step_ops.append(len(self._operations))
@@ -847,6 +985,8 @@ class Transaction:
                 "staging left for the next recovery (purge failed)",
                 self._fs.abspath(left[0]),
             )
+        if self.durability == "full":
+            _commit.settle_areas(self._fs, self._areas.values())
 
     def rollback(self) -> None:
         """Discard the plan; nothing under the root has changed. The transaction is spent."""
@@ -887,7 +1027,10 @@ class Transaction:
         areas = list(self._areas.values())
         try:
             if durable:
-                _commit.barrier(self._fs, areas, ())
+                _commit.barrier(self._fs, areas, (), staged=True)
+                # That made the journal's name durable too (it sits beside the
+                # root's area): its first durable append needs no directory fsync.
+                self._journal.created = False
             self._journal.append([*steps, State(_journal.COMMITTING)])
         except BaseException as exc:
             self._abort(exc, applied=False)
@@ -960,12 +1103,19 @@ class Transaction:
                     # failed: say "committing" again before undoing, or a crash
                     # mid-undo would be rolled forward from a half-undone tree.
                     self._journal.append([State(_journal.COMMITTING)])
-                _commit.undo(self._fs, self._steps, self._retrier)
+                # Steps after the one that failed never ran: leave them alone
+                # (their paths may not even be reachable now).
+                _commit.undo(
+                    self._fs,
+                    self._steps[: index + 1],
+                    self._retrier,
+                    last_failed=index < len(self._steps),
+                )
                 if self.durability == "full":
                     _commit.barrier(
                         self._fs,
                         list(self._areas.values()),
-                        _commit.touched_dirs(self._steps),
+                        _commit.undone_dirs(self._steps),
                     )
         except BaseException as undo_exc:
             kind, path = self._describe(index)

@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from fstx import _os
 from fstx._os import Dir
@@ -48,12 +48,16 @@ class RootFS:
         self.top = _os.open_root(root)
         self._dirs: OrderedDict[Rel, Dir] = OrderedDict()
         self._pinned: Optional[Rel] = None
+        # How many cached handles lie at or below each path: forget() runs on
+        # every rename, and most renamed items have no handle below them.
+        self._below: Dict[Rel, int] = {}
 
     def close(self) -> None:
         """Close every handle."""
         for d in self._dirs.values():
             _os.close_dir(d)
         self._dirs.clear()
+        self._below.clear()
         _os.close_dir(self.top)
 
     def abspath(self, rel: Rel) -> str:
@@ -71,20 +75,46 @@ class RootFS:
             self._dirs.move_to_end(rel)
             return d
         parent = self.dir(rel[:-1])
-        d = _os.open_dir(parent, rel[-1])
+        try:
+            d = _os.open_dir(parent, rel[-1])
+        except NotADirectoryError as exc:
+            # O_DIRECTORY|O_NOFOLLOW on a symlink gives ENOTDIR too. A symlink
+            # where a directory was is not "absent": what lies behind it is
+            # outside our reach, and undo must stop there, not skip a step.
+            st = _os.lstat(parent, rel[-1])
+            if stat.S_ISLNK(st.st_mode):
+                raise OSError(
+                    errno.ELOOP, "a symlink stands where a directory was", self.abspath(rel)
+                ) from exc
+            raise
         self._dirs[rel] = d
+        self._count(rel, 1)
         if len(self._dirs) > _CACHE_SIZE:
             if next(iter(self._dirs)) == self._pinned:
                 self._dirs.move_to_end(self._pinned)  # in use by a two-path call
-            _, old = self._dirs.popitem(last=False)
+            key, old = self._dirs.popitem(last=False)
+            self._count(key, -1)
             _os.close_dir(old)
         return d
 
+    def _count(self, rel: Rel, delta: int) -> None:
+        below = self._below
+        for i in range(1, len(rel) + 1):
+            top = rel[:i]
+            n = below.get(top, 0) + delta
+            if n:
+                below[top] = n
+            else:
+                del below[top]
+
     def forget(self, rel: Rel) -> None:
         """Drop cached handles on ``rel`` and below (it may have moved)."""
+        if rel and rel not in self._below:
+            return  # no handle at or below it: nothing to scan for
         n = len(rel)
         stale = [k for k in self._dirs if k[:n] == rel]
         for key in stale:
+            self._count(key, -1)
             _os.close_dir(self._dirs.pop(key))
 
     def _at(self, rel: Rel) -> Tuple[Dir, str]:
@@ -113,12 +143,8 @@ class RootFS:
             return _os.lstat(d, name)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except OSError as exc:
-            # A parent became a symlink (O_NOFOLLOW gives ELOOP): what lies
-            # behind it is not inside the root, so for us it does not exist.
-            if exc.errno == errno.ELOOP:
-                return None
-            raise
+        # A parent swapped for a symlink raises ELOOP (see dir()): the path
+        # cannot be reached inside the root, which is not the same as absent.
 
     def exists(self, rel: Rel) -> bool:
         """Whether ``rel`` exists (a dangling symlink exists)."""

@@ -60,6 +60,22 @@ def open_dir(parent: Dir, name: str) -> Dir:
     return Dir(fd, os.path.join(parent.path, name))
 
 
+def mount_id(d: Dir) -> int:
+    """The id of the mount ``d`` is on (Linux ``fdinfo``), or 0 where unknown.
+
+    Two mounts of one file system (a bind mount) share ``st_dev`` but not a
+    rename: staging must be chosen per mount, not per device.
+    """
+    try:
+        with open(f"/proc/self/fdinfo/{d.fd}", "rb") as info:
+            for line in info:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass  # not Linux, or /proc is not mounted: st_dev alone decides
+    return 0
+
+
 def close_dir(d: Dir) -> None:
     """Close a directory opened by :func:`open_dir` or :func:`open_root`."""
     os.close(d.fd)

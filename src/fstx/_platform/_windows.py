@@ -518,6 +518,12 @@ def open_dir(parent: Dir, name: str) -> Dir:
     return _open_dir(_api(), parent, name)
 
 
+def mount_id(d: Dir) -> int:
+    """Windows has no bind mounts to tell apart: the volume (``st_dev``) decides."""
+    del d
+    return 0
+
+
 def close_dir(d: Dir) -> None:
     """Nothing to close: a Windows :class:`Dir` holds no handle."""
     del d
