@@ -19,12 +19,20 @@ __all__ = ["PlannedTree"]
 
 
 class _Node:
-    __slots__ = ("children", "is_set", "loc")
+    __slots__ = ("children", "dir_st", "is_set", "loc")
 
     def __init__(self) -> None:
         self.children: Dict[str, _Node] = {}
         self.is_set = False
         self.loc: Optional[Rel] = None
+        # The lstat of the directory this path is planned to be, once looked
+        # up: planning never changes a directory's type, device or inode, so
+        # resolving the parents of each new path costs no system call.
+        self.dir_st: Optional[os.stat_result] = None
+
+
+def _any_set(node: _Node) -> bool:
+    return any(child.is_set or _any_set(child) for child in node.children.values())
 
 
 class PlannedTree:
@@ -52,9 +60,41 @@ class PlannedTree:
         return found
 
     def lstat(self, path: Rel) -> Optional[os.stat_result]:
-        """``lstat`` of the planned ``path`` (None: absent)."""
-        loc = self.locate(path)
-        return None if loc is None else self.fs.lstat(loc)
+        """``lstat`` of the planned ``path`` (None: absent).
+
+        A directory's result is remembered until an operation plans that
+        path (or a parent) anew, or :meth:`changed` says its item changed.
+        """
+        node = self._top
+        found: Optional[Rel] = path
+        exact = True
+        for i, name in enumerate(path):
+            child = node.children.get(name)
+            if child is None:
+                exact = False
+                break
+            node = child
+            if node.is_set:
+                found = None if node.loc is None else node.loc + path[i + 1 :]
+        if found is None:
+            return None
+        if exact and node.dir_st is not None:
+            return node.dir_st
+        st = self.fs.lstat(found)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            (node if exact else self._make(path)).dir_st = st
+        return st
+
+    def changed(self, path: Rel) -> None:
+        """Forget what :meth:`lstat` remembers of ``path`` (its item was changed)."""
+        node = self._node(path)
+        if node is not None:
+            node.dir_st = None
+
+    def planned(self, path: Rel) -> bool:
+        """Whether an operation planned something at ``path`` or below it."""
+        node = self._node(path)
+        return node is not None and (node.is_set or _any_set(node))
 
     def is_dir(self, path: Rel) -> bool:
         """Whether the planned ``path`` is a directory."""
@@ -97,6 +137,7 @@ class PlannedTree:
         node.children = {}
         node.is_set = True
         node.loc = loc
+        node.dir_st = None
 
     def move(self, src: Rel, dst: Rel) -> None:
         """Plan a rename: ``dst`` becomes what ``src`` is, with its planned subtree."""
@@ -104,10 +145,12 @@ class PlannedTree:
         old = self._node(src)
         children = old.children if old is not None else {}
         node = self._make(dst)
-        node.children = children
+        node.children = children  # what they remember is still true: no item moved yet
         node.is_set = True
         node.loc = loc
+        node.dir_st = None
         gone = self._make(src)
         gone.children = {}
         gone.is_set = True
         gone.loc = None
+        gone.dir_st = None
