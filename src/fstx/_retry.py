@@ -266,6 +266,8 @@ class Retrier:
         policy = self.policy
         start = policy.clock()
         replayed = False
+        if isinstance(path, tuple):  # the engine's root-relative components
+            path = "/".join(str(p) for p in path)
 
         def attempt() -> Any:
             nonlocal replayed
