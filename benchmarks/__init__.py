@@ -1,0 +1,1 @@
+"""fstx benchmarks: ``python -m benchmarks`` measures fstx against its baselines."""
