@@ -21,6 +21,7 @@ import errno
 import logging
 import math
 import os
+import random
 import secrets
 import stat
 import sys
@@ -99,6 +100,8 @@ _TARGET_EXISTS = frozenset({errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.
 
 # Publishing loops while other writers keep removing and re-creating the target.
 _RACE_ATTEMPTS = 64
+
+_JITTER = random.Random()  # noqa: S311 - jitter of retry waits, not a secret
 
 
 # --- advisory locks (the liveness test of sweep) ---------------------------------
@@ -256,7 +259,9 @@ class _Target:
         self.name = name
         self.keep = exist == "keep"
         self.durable = durability == "full"
-        self.retrier = Retrier(retry or RetryPolicy())
+        # One jitter source for every writer: a fresh random.Random per call
+        # seeds itself from os.urandom, which cost more than the write itself.
+        self.retrier = Retrier(retry or RetryPolicy(), rng=_JITTER)
         self._dir: Optional[Dir] = None
 
     @property
