@@ -908,13 +908,14 @@ class Transaction:
             return
         if dst_rel[: len(src_rel)] == src_rel:
             raise PlanError("rename", dst, "cannot move a directory into itself")
-        self._ensure_parents(dst_rel)
-        dst_dev = self._dev_of_dir(dst_rel[:-1])
+        top = self._nearest_dir(dst_rel)  # parents are planned once nothing can fail
+        dst_dev = self._dev_of_dir(top)
         src_dev = self._dev_of_dir(src_rel[:-1])
         loc = self._model.locate(src_rel)
         assert loc is not None
         same = not stat.S_ISDIR(st.st_mode) or self._device_key(loc) == src_dev
         if src_dev == dst_dev and same:
+            self._ensure_parents(dst_rel)
             self._area(src_dev, src_rel[:-1])  # every changed device has an area
             backup = (
                 self._new_name(self._area(dst_dev, dst_rel[:-1]), "b")
@@ -927,12 +928,13 @@ class Transaction:
         else:
             # Across devices: a staged copy on the destination's device, then
             # the source is deleted like any other path.
-            staged = self._new_name(self._area(dst_dev, dst_rel[:-1]), "s")
+            staged = self._new_name(self._area(dst_dev, top), "s")
             try:
                 self._copy_into(_PlannedSource(self), src_rel, staged, follow=False)
             except BaseException:
                 self._fs.remove_tree(staged)
                 raise
+            self._ensure_parents(dst_rel)
             self._add_place(staged, dst_rel, dst_dev, backup=existing is not None)
             self._plan_remove(src_rel, src_dev)
         self._record(Operation("rename", join(dst_rel), source=join(src_rel)))
