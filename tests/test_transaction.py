@@ -17,6 +17,7 @@ import attrs
 import pytest
 
 import fstx
+import mounts
 from treeutil import (
     Entry,
     FailAt,
@@ -1617,6 +1618,30 @@ def test_failed_staging_leaves_the_plan_unchanged(
     assert [op.path for op in tx.operations] == ["kept"]
     tx.commit()  # the failed call left nothing behind: no empty new/dir
     check(root, {"a": F(b"A"), "kept": F(b"k")})
+
+
+def test_refused_cross_device_rename_leaves_the_plan_unchanged(
+    root: pathlib.Path,
+) -> None:
+    reason = mounts.why_no_mounts()
+    if reason is not None:
+        pytest.skip(reason)
+    made = mounts.Mounts()
+    try:
+        made.tmpfs(str(root / "mnt"))
+        make_tree(root, {"tree/a": b"a", "tree/sub/b": b"b"})
+        os.mkfifo(root / "tree/sub/pipe")  # cannot be copied across devices
+        tx = tx_on(root)
+        tx.write_bytes("mnt/other", b"o")
+        with pytest.raises(fstx.PlanError):
+            tx.rename("tree", "mnt/new/deep/tree")
+        assert [op.path for op in tx.operations] == ["mnt/other"]
+        tx.commit()
+        assert sorted(os.listdir(root / "mnt")) == ["other"]
+        assert sorted(os.listdir(root / "tree/sub")) == ["b", "pipe"]
+        assert_clean(root)
+    finally:
+        made.close()
 
 
 # -- durability ------------------------------------------------------------------------
