@@ -213,6 +213,28 @@ def test_non_utf8_name_round_trips(
     assert sorted(os.listdir(os.fsencode(root))) == [b".fstx", b"caf\xff"]
 
 
+def test_copy_source_beside_the_plan_wins_over_the_root(
+    run: Run, root: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    make_tree(tmp_path, {"shipped.txt": b"from the plan"})
+    make_tree(root, {"shipped.txt": b"from the root", "inside.txt": b"inside"})
+    plan = write_plan(
+        tmp_path,
+        [
+            {"op": "copy", "src": "shipped.txt", "dst": "a"},  # beside the plan
+            {"op": "copy", "src": "inside.txt", "dst": "b"},  # only in the root
+            {"op": "write", "dst": "made.txt", "text": "planned"},
+            {"op": "copy", "src": "made.txt", "dst": "c"},  # planned in the root
+        ],
+    )
+    result = run("apply", plan, "--root", root)
+    assert result.code == 0, result.err
+    assert (root / "a").read_bytes() == b"from the plan"
+    assert (root / "b").read_bytes() == b"inside"
+    assert (root / "c").read_bytes() == b"planned"
+    assert_clean(root)
+
+
 def test_plan_from_stdin_takes_sources_from_cwd(
     run: Run,
     root: pathlib.Path,
@@ -434,9 +456,9 @@ def test_refused_operation_exits_1_and_changes_nothing(
     result = run("apply", plan, "--root", root)
     assert result.code == 1
     assert result.out == ""
-    missing = str(tmp_path / "missing.txt")
     assert_one_paragraph(
-        result.err, "plan.json[2] (copy)", f"cannot copy {missing!r}", "does not exist",
+        result.err, "plan.json[2] (copy)", "cannot copy 'missing.txt'", "does not exist",
+        f"looked for beside the plan file ({str(tmp_path)!r}), then in the root",
         "nothing under", "was changed",
     )  # fmt: skip
     assert snapshot(root) == before
@@ -575,7 +597,9 @@ def test_help_and_version(run: Run) -> None:
         assert command in top.out
     apply_help = run("apply", "--help")
     assert apply_help.code == 0
-    assert "relative to the directory of\nthe plan file" in apply_help.out
+    assert (
+        "looked for first relative to\nthe directory of the plan file" in apply_help.out
+    )
     version = run("--version")
     assert (version.code, version.out.strip()) == (0, f"fstx {fstx.__version__}")
 

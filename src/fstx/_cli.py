@@ -59,11 +59,14 @@ all of them take effect, or none does. Each entry is an object naming its
   {"op": "chmod",  "path": "bin/tool", "mode": "755"}
 
 Paths are relative to ROOT (absolute ones must lie inside it), except the
-"src" of "copy": a relative copy source is relative to the directory of
-the plan file (to the current directory when the plan is read from stdin,
-PLAN "-"), so that a plan can ship its files beside it; an absolute one
-may be anywhere. A mode is an octal string ("755", "0o755") or an integer
-holding the number itself (493 for 0o755, as json.dumps(0o755) writes it).
+"src" of "copy": a relative copy source is looked for first relative to
+the directory of the plan file (to the current directory when the plan is
+read from stdin, PLAN "-"), so that a plan can ship its files beside it,
+and only if nothing is there, inside ROOT as planned so far (as in the
+Python method); an absolute one may be anywhere.
+
+A mode is an octal string ("755", "0o755") or an integer holding the
+number itself (493 for 0o755, as json.dumps(0o755) writes it).
 "write" takes "text" (with an optional "encoding", UTF-8 by default) or
 "base64", not both. ROOT is created (with its parents) if missing, and
 removed again if the plan fails.
@@ -108,16 +111,39 @@ class PlanEntry:
         method: the :class:`fstx.Transaction` method that carries it out.
         args: its positional arguments.
         kwargs: its keyword arguments.
+        source_base: for ``copy``, the directory where a relative source is
+            looked for first (the plan file's).
     """
 
     where: str
     method: str
     args: Tuple[Any, ...]
     kwargs: Mapping[str, Any]
+    source_base: Optional[str] = None
 
     def apply(self, tx: fstx.Transaction) -> None:
         """Plan this entry in ``tx``."""
-        getattr(tx, self.method)(*self.args, **self.kwargs)
+        if self.source_base is None:
+            getattr(tx, self.method)(*self.args, **self.kwargs)
+            return
+        # copy: a relative source beside the plan file if it is there, else
+        # (as in the Python method) inside the root, as planned so far.
+        src, *rest = self.args
+        beside = os.path.join(self.source_base, src)
+        if os.path.isabs(src) or os.path.lexists(beside):
+            tx.copy(beside, *rest, **self.kwargs)
+            return
+        try:
+            tx.copy(src, *rest, **self.kwargs)
+        except fstx.PlanError as exc:
+            if exc.path != src:
+                raise
+            where = f"beside the plan file ({self.source_base!r}), then in the root"
+            raise fstx.PlanError(
+                exc.operation,
+                src,
+                f"{exc.reason}; a relative source is looked for {where}",
+            ) from None
 
 
 # op -> (required fields, optional fields)
@@ -213,8 +239,8 @@ def _parse_entry(entry: object, where: str, base: str) -> PlanEntry:
             raise _bad_input(f'{where}: "{name}": {exc}') from None
 
     if op == "copy":
-        src = os.path.join(base, path("src"))  # an absolute src stays as it is
-        return PlanEntry(where, "copy", (src, path("dst")), flag("follow_symlinks"))
+        args = (path("src"), path("dst"))
+        return PlanEntry(where, "copy", args, flag("follow_symlinks"), base)
     if op == "rename":
         return PlanEntry(where, "rename", (path("src"), path("dst")), {})
     if op == "delete":
@@ -260,7 +286,7 @@ def _parse_write(
 
 
 def load_plan(text: str, name: str, base: str) -> List[PlanEntry]:
-    """Parse a plan file's text; relative copy sources are taken relative to ``base``.
+    """Parse a plan file's text; relative copy sources are looked for in ``base`` first.
 
     Raises:
         _CliError: with exit status 2, naming the entry at fault.
