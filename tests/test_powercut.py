@@ -111,11 +111,14 @@ def run_child(
     try:
         _, status = os.waitpid(pid, os.WUNTRACED)
         stopped = os.WIFSTOPPED(status)
-        # Power first, then the process: nothing it still has in flight lands.
-        cut()
+        try:
+            # Power first, then the process: nothing it still has in flight lands.
+            cut()
+        finally:
+            if stopped:  # never leave a stopped child holding the mount
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
         if stopped:
-            os.kill(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
         chunks = []
         while chunk := os.read(r, 1 << 16):
