@@ -58,13 +58,13 @@ class RootLock:
             raise LockTimeout(self.root, self.timeout) from None
         start = time.monotonic()
         while True:
-            _log.info("waiting for another fstx transaction on %r to finish", self.root)
             step = _WAIT_LOG_EVERY
             if self.timeout is not None:
                 left = self.timeout - (time.monotonic() - start)
                 if left <= 0:
                     raise LockTimeout(self.root, self.timeout) from None
                 step = min(step, left)
+            _log.info("waiting for another fstx transaction on %r to finish", self.root)
             try:
                 self._lock.acquire(timeout=step)
             except filelock.Timeout:
