@@ -470,15 +470,26 @@ def _undo_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
     if moved_in and (not step.staged or restore is None):
         # Put a rename back where it came from; take new content out of the
         # way unless the old file is about to be renamed over it anyway.
-        retrier.call(fs.rename, dst, src, operation="undo", path=dst)
+        retrier.call(
+            fs.rename, dst, src, operation="undo", path=dst,
+            already_done=_moved(fs, dst, src, step.ino),
+        )  # fmt: skip
     if backup is not None and restore is not None:
         if fs.exists(dst) and fs.same(restore, dst):
             _drop_link(fs, restore)
         else:
-            retrier.call(fs.rename, restore, dst, operation="undo", path=dst)
+            retrier.call(
+                fs.rename, restore, dst, operation="undo", path=dst,
+                already_done=_moved(fs, restore, dst, _ino(fs, restore)),
+            )  # fmt: skip
         other = away_name(backup) if restore == backup else backup
         if fs.exists(other) and fs.same(other, dst):
             _drop_link(fs, other)
+
+
+def _moved(fs: RootFS, src: Rel, dst: Rel, ino: Optional[int]) -> Callable[[], bool]:
+    """``already_done`` of a rename that reported a transient error but happened."""
+    return lambda: _ino(fs, src) is None and _ino(fs, dst) == ino
 
 
 def _drop_link(fs: RootFS, rel: Rel) -> None:
@@ -498,15 +509,19 @@ def _undo_remove(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
     st = fs.lstat(backup)
     if st is None:
         return
+    back = _moved(fs, backup, path, st.st_ino)
     here = fs.lstat(path)
     if here is None:
         if not stat.S_ISDIR(st.st_mode):
-            retrier.call(fs.rename, backup, path, operation="undo delete", path=path)
+            retrier.call(
+                fs.rename, backup, path, operation="undo delete", path=path,
+                already_done=back,
+            )  # fmt: skip
             return
         try:
             retrier.call(
                 fs.rename, backup, path, operation="undo delete", path=path,
-                budget=retrier.policy.defer_after,
+                budget=retrier.policy.defer_after, already_done=back,
             )  # fmt: skip
         except OSError as exc:
             if not is_transient(exc):
@@ -525,9 +540,15 @@ def _undo_remove(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
         # A directory whose entries were moved one by one: move them back.
         for name in fs.listdir(backup):
             _undo_remove(fs, (*path, name), (*backup, name), retrier)
-        retrier.call(fs.rmdir, backup, operation="undo delete", path=backup)
+        retrier.call(
+            fs.rmdir, backup, operation="undo delete", path=backup,
+            already_done=lambda: not fs.exists(backup),
+        )  # fmt: skip
         return
-    retrier.call(fs.rename, backup, path, operation="undo delete", path=path)
+    retrier.call(
+        fs.rename, backup, path, operation="undo delete", path=path,
+        already_done=back,
+    )  # fmt: skip
 
 
 # -- clean-up and trash ----------------------------------------------------
