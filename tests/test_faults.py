@@ -399,3 +399,84 @@ def test_transient_errors_are_retried(
         assert fake.now == pytest.approx(1000.0 + sum(fake.sleeps))
         assert tree_of(root, after) == after
         assert_clean(root)
+
+
+@attrs.define
+class FailThenTransient:
+    """Fail call k for good, then (armed only from there) inject transient errors."""
+
+    k: int
+    transient: Transient
+    count: int = 0
+    undo: List[Tuple[str, ...]] = attrs.Factory(list)
+
+    def __call__(self, name: str, phase: str, args: Tuple[Any, ...]) -> None:
+        if name not in _os.MUTATING:
+            return
+        if phase == "before":
+            self.count += 1
+            if self.count == self.k:
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        if self.count > self.k:
+            if phase == "before" and name in RETRIED:
+                self.undo.append(signature(name, args))
+            self.transient(name, phase, args)
+
+
+@pytest.mark.parametrize("workload", WORKLOAD_PARAMS)
+@pytest.mark.parametrize(
+    "injection",
+    [
+        pytest.param((errno.EBUSY, "before", 2), id="EBUSY-before"),
+        pytest.param((errno.EINTR, "after", 1), id="EINTR-after-it-took-effect"),
+    ],
+)
+def test_transient_errors_during_undo_are_retried(
+    workload: Workload,
+    injection: Tuple[int, str, int],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The commit record cannot be written; the undo meets transient errors and still ends exact."""
+    err, phase, times = injection
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail("slept for real"))
+    with scratch(tmp_path) as base:
+        trace = traced_run(
+            workload,
+            os.path.join(base, "c", "root"),
+            os.path.join(base, "c", "src"),
+            "full",
+        )
+        # A first failing run finds the calls the undo makes.
+        probe = FailThenTransient(trace.commit_point, Transient({}, err, phase))
+        root, src = os.path.join(base, "p", "root"), os.path.join(base, "p", "src")
+        workload.setup(root, src)
+        with installed(probe), pytest.raises(fstx.CommitError):
+            tx = fstx.transaction(root)
+            workload.plan(tx, src)
+            tx.commit()
+        assert probe.undo, "the undo renamed or chmodded something"
+        chosen = list(
+            dict.fromkeys(
+                [probe.undo[0], probe.undo[len(probe.undo) // 2], probe.undo[-1]]
+            )
+        )
+        root, src = os.path.join(base, "root"), os.path.join(base, "src")
+        workload.setup(root, src)
+        before = snapshot(root)
+        fake = FakeTime()
+        policy = fstx.RetryPolicy(deadline=60.0, sleep=fake.sleep, clock=fake.clock)
+        hook = FailThenTransient(
+            trace.commit_point, Transient(dict.fromkeys(chosen, times), err, phase)
+        )
+        with installed(hook), pytest.raises(fstx.CommitError) as failed:
+            tx = fstx.transaction(root, retry=policy)
+            workload.plan(tx, src)
+            tx.commit()
+        cause = failed.value.__cause__
+        assert isinstance(cause, OSError)
+        assert cause.errno == errno.ENOSPC
+        assert hook.transient.failed == times * len(chosen)
+        assert len(fake.sleeps) == hook.transient.failed
+        assert snapshot(root) == before
+        assert_clean(root)
