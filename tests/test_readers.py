@@ -219,12 +219,13 @@ def replace_all(
 ) -> None:  # fmt: skip
     """Replace the target GENERATIONS times, letting the reader read in between."""
     for gen in range(1, GENERATIONS + 1):
-        seen = reads()
         with fstx.transaction(root, durability=durability) as tx:
             replace(tx, gen, build)
         # At least one read began after this commit: reads and replacements
-        # interleave all the way through, not only at the start.
-        wait_reads_past(seen)
+        # interleave all the way through, not only at the start. Counted from
+        # after the commit, so the read in flight then does not count (it
+        # could have opened the old file).
+        wait_reads_past(reads())
 
 
 def check_final(
