@@ -518,16 +518,22 @@ class Transaction:
 
     def _ensure_parents(self, rel: Rel) -> None:
         # From the parent up to the nearest one that exists (usually the
-        # parent itself), then the missing ones downwards.
+        # parent itself), then the missing ones downwards, all on its device.
+        # Every one is staged before any is planned: a failure leaves the plan
+        # as it was (what was staged is swept with the staging area).
         top = len(rel) - 1
         while top > 0 and self._model.lstat(rel[:top]) is None:
             top -= 1
-        for i in range(top + 1, len(rel)):
-            parent = rel[:i]
-            dev = self._dev_of_dir(rel[: i - 1])
-            staged = self._new_name(self._area(dev, rel[: i - 1]), "d")
-            self._fs.mkdir(staged, 0o777)
-            self._add_place(staged, parent, dev, backup=False)
+        if top + 1 >= len(rel):
+            return
+        dev = self._dev_of_dir(rel[:top])
+        area = self._area(dev, rel[:top])
+        made: List[Rel] = []
+        for _ in range(top + 1, len(rel)):
+            made.append(self._new_name(area, "d"))
+            self._fs.mkdir(made[-1], 0o777)
+        for i, staged in enumerate(made, start=top + 1):
+            self._add_place(staged, rel[:i], dev, backup=False)
 
     def _nearest_dir(self, rel: Rel) -> Rel:
         """The nearest planned ancestor of ``rel`` that exists.
@@ -866,10 +872,10 @@ class Transaction:
                 self._unmake(made)
                 raise
         elif st is None:
-            self._ensure_parents(rel)
-            dev = self._dev_of_dir(rel[:-1])
-            staged = self._new_name(self._area(dev, rel[:-1]), "d")
+            dev = self._dev_of_dir(top)  # parents are planned once it is staged
+            staged = self._new_name(self._area(dev, top), "d")
             self._fs.mkdir(staged, mode)
+            self._ensure_parents(rel)
             self._add_place(staged, rel, dev, backup=False)
         self._record(Operation("mkdir", join(rel), mode=mode))
 
