@@ -1595,29 +1595,60 @@ def test_os_error_while_staging_is_raised_as_is(
     assert_clean(root)
 
 
-@pytest.mark.parametrize(
-    ("call", "primitive"),
-    [
-        pytest.param(
-            lambda tx: tx.write_bytes("new/dir/f", b"data"), "write", id="write"
-        ),
-        pytest.param(lambda tx: tx.copy("a", "new/dir/f"), "copy_fd", id="copy"),
-        pytest.param(lambda tx: tx.mkdir("new/dir/sub"), "mkdir", id="mkdir"),
-    ],
-)
+def _open_and_write(tx: fstx.Transaction) -> None:
+    with tx.open("new/dir/f") as f:
+        f.write(b"data")
+
+
+STAGING_CALLS = [
+    pytest.param(lambda tx: tx.write_bytes("new/dir/f", b"data"), id="write"),
+    pytest.param(_open_and_write, id="open"),
+    pytest.param(lambda tx: tx.copy("a", "new/dir/f"), id="copy-file"),
+    pytest.param(lambda tx: tx.copy("tree", "new/dir/t"), id="copy-tree"),
+    pytest.param(lambda tx: tx.mkdir("new/dir/sub"), id="mkdir"),
+    pytest.param(lambda tx: tx.rename("a", "new/dir/a"), id="rename"),
+]
+
+
+@pytest.mark.parametrize("call", STAGING_CALLS)
 def test_failed_staging_leaves_the_plan_unchanged(
-    root: pathlib.Path, call: Plan, primitive: str
+    tmp_path: pathlib.Path, call: Plan
 ) -> None:
-    make_tree(root, {"a": b"A"})
-    tx = tx_on(root)
-    tx.write_bytes("kept", b"k")
-    with installed(_failing(lambda name, args: name == primitive)):
-        with pytest.raises(OSError) as info:
-            call(tx)
-    assert info.value.errno == errno.EIO
-    assert [op.path for op in tx.operations] == ["kept"]
-    tx.commit()  # the failed call left nothing behind: no empty new/dir
-    check(root, {"a": F(b"A"), "kept": F(b"k")})
+    def attempt(k: int) -> Tuple[pathlib.Path, FailAt, Optional[OSError]]:
+        root = tmp_path / f"k{k}"
+        make_tree(root, {"a": b"A", "tree/x": b"x", "tree/sub/y": b"y"})
+        tx = tx_on(root)
+        tx.write_bytes("kept", b"k")
+        hook = FailAt(k)
+        error: Optional[OSError] = None
+        try:
+            with installed(hook):
+                call(tx)
+        except OSError as exc:
+            error = exc
+        if error is not None:
+            assert [op.path for op in tx.operations] == ["kept"]
+        tx.commit()
+        return root, hook, error
+
+    _, counter, _ = attempt(1 << 30)
+    assert counter.count > 0
+    for k in range(1, counter.count + 1):
+        root, hook, error = attempt(k)
+        assert error is not None, (k, hook.calls)
+        assert error.errno == errno.EIO
+        # The failed call left nothing behind: no empty new/dir after commit.
+        check(
+            root,
+            {
+                "a": F(b"A"),
+                "kept": F(b"k"),
+                "tree": D(),
+                "tree/sub": D(),
+                "tree/sub/y": F(b"y"),
+                "tree/x": F(b"x"),
+            },
+        )
 
 
 def test_refused_cross_device_rename_leaves_the_plan_unchanged(
