@@ -186,12 +186,6 @@ def test_real_journal_error(root: pathlib.Path) -> None:
 
 
 @pytestmark_posix
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="engine bug: PlanError quotes a pathlib.Path as PosixPath('...') "
-    "(fix belongs in fstx/_errors.py, outside this suite's files)",
-)
 def test_plan_error_names_a_pathlib_path_as_a_plain_path(root: pathlib.Path) -> None:
     tx = fstx.transaction(root, durability="none")
     try:

@@ -7,6 +7,7 @@ Every error carries the operation and the path it concerns, quotes paths with
 from __future__ import annotations
 
 import errno as _errno
+import os
 from typing import Any, Optional, Sequence, Tuple
 
 
@@ -24,6 +25,8 @@ class PlanError(FstxError, ValueError):
     """
 
     def __init__(self, operation: str, path: object, reason: str) -> None:
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)  # quoted as the path, not as PosixPath('...')
         self.operation = operation
         self.path = path
         self.reason = reason
