@@ -54,6 +54,7 @@ DeviceKey = Tuple[int, int]
 ProgressCallback = Callable[[int, int], None]
 
 _MAX_SYMLINKS = 40
+_NAME_MAX = 255
 _EUID: Optional[int] = os.geteuid() if hasattr(os, "geteuid") else None
 _DURABILITY = ("full", "none")
 
@@ -447,6 +448,17 @@ class Transaction:
             raise PlanError(op, path, "that is the root itself")
         if rel[0] == STAGING or any(rel[: len(t)] == t for t in self._area_tops):
             raise PlanError(op, path, "it is inside fstx's staging directory")
+        for name in rel:
+            # NAME_MAX: 255 bytes on ext4, xfs, btrfs, tmpfs, APFS; 255 UTF-16
+            # units on NTFS. Refused now rather than as ENAMETOOLONG mid-commit.
+            size = len(name) if sys.platform == "win32" else len(os.fsencode(name))
+            if size > _NAME_MAX:
+                # What the OS would say at commit, said now (nothing changed yet).
+                raise OSError(
+                    errno.ENAMETOOLONG,
+                    f"cannot {op}: a name in it is longer than {_NAME_MAX} bytes",
+                    _fspath(path),
+                )
         return rel
 
     def _relative_source(self, path: object) -> Optional[str]:
