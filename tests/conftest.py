@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from fstx import _os  # noqa: E402
+from fstx import _os
 
 
 @pytest.fixture

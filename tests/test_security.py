@@ -213,7 +213,7 @@ ESCAPES = [
 
 @pytest.mark.parametrize(("template", "reason"), ESCAPES)
 @pytest.mark.parametrize(("plan", "name"), ESCAPE_OPS)
-def test_plan_refuses_paths_leading_out_of_the_root(  # noqa: PLR0917 - pytest passes fixtures positionally
+def test_plan_refuses_paths_leading_out_of_the_root(
     root: Path, outside: Path, plan: Plan, name: str, template: str, reason: str
 ) -> None:
     build_static(root, outside)
@@ -503,7 +503,7 @@ def swap_for_symlink(
 )
 @pytest.mark.parametrize("which", ["a", "a/b"])
 @pytest.mark.parametrize("plan", UNDER_AB)
-def test_parent_swapped_for_symlink_before_commit_fails_and_rolls_back(  # noqa: PLR0917 - pytest passes fixtures positionally
+def test_parent_swapped_for_symlink_before_commit_fails_and_rolls_back(
     root: Path,
     outside: Path,
     tmp_path: Path,

@@ -1089,7 +1089,7 @@ PLAN_ERRORS += [
 
 
 @pytest.mark.parametrize(("plan", "operation", "path"), PLAN_ERRORS)
-def test_plan_error_changes_nothing(  # noqa: PLR0917 - pytest passes these by name
+def test_plan_error_changes_nothing(
     tmp_path: pathlib.Path,
     root: pathlib.Path,
     outside: pathlib.Path,

@@ -15,7 +15,7 @@ Snapshot = Dict[str, Entry]
 STAGING = ".fstx"
 
 
-def snapshot(root: "str | os.PathLike[str]", *, inodes: bool = True) -> Snapshot:
+def snapshot(root: str | os.PathLike[str], *, inodes: bool = True) -> Snapshot:
     """Every path under ``root`` (staging excluded) with type, mode, content or target.
 
     With ``inodes``, regular files also carry ``(st_ino, st_mtime_ns)`` so a
@@ -49,7 +49,7 @@ def snapshot(root: "str | os.PathLike[str]", *, inodes: bool = True) -> Snapshot
     return out
 
 
-def staging_leftovers(root: "str | os.PathLike[str]") -> List[str]:
+def staging_leftovers(root: str | os.PathLike[str]) -> List[str]:
     """What the staging directory holds besides its lock file."""
     path = os.path.join(os.fspath(root), STAGING)
     if not os.path.isdir(path):
@@ -57,13 +57,13 @@ def staging_leftovers(root: "str | os.PathLike[str]") -> List[str]:
     return sorted(n for n in os.listdir(path) if n != "lock")
 
 
-def assert_clean(root: "str | os.PathLike[str]") -> None:
+def assert_clean(root: str | os.PathLike[str]) -> None:
     """The staging directory holds nothing but its lock file."""
     left = staging_leftovers(root)
     assert left == [], f"staging leftovers: {left}"
 
 
-def make_tree(root: "str | os.PathLike[str]", spec: Dict[str, Optional[bytes]]) -> None:
+def make_tree(root: str | os.PathLike[str], spec: Dict[str, Optional[bytes]]) -> None:
     """Create files (bytes) and directories (None) under ``root``."""
     base = os.fspath(root)
     for rel, data in spec.items():
@@ -79,7 +79,9 @@ def make_tree(root: "str | os.PathLike[str]", spec: Dict[str, Optional[bytes]]) 
 class FailAt:
     """An OS-layer hook that raises ``OSError(err)`` at the k-th mutating call (1-based)."""
 
-    def __init__(self, k: int, err: int = errno.EIO, *, persistent: bool = False) -> None:
+    def __init__(
+        self, k: int, err: int = errno.EIO, *, persistent: bool = False
+    ) -> None:
         self.k = k
         self.err = err
         self.persistent = persistent
@@ -92,7 +94,9 @@ class FailAt:
         self.count += 1
         self.calls.append(name)
         if self.count == self.k or (self.persistent and self.count > self.k):
-            raise OSError(self.err, f"{os.strerror(self.err)} (injected at {name} #{self.count})")
+            raise OSError(
+                self.err, f"{os.strerror(self.err)} (injected at {name} #{self.count})"
+            )
 
 
 class installed:  # noqa: N801 - reads as a statement: with installed(hook): ...

@@ -119,7 +119,7 @@ class JournalFile:
 def barrier(
     fs: RootFS, areas: Iterable[Rel], dirs: Iterable[Rel], *, staged: bool = False
 ) -> None:
-    """Make the entries of ``dirs`` durable, and with ``staged`` what is staged under ``areas``.
+    """Make the entries of ``dirs`` durable; with ``staged``, all under ``areas``.
 
     One ``syncfs`` per staging area's file system where the platform has it
     (Linux), else an fsync of every directory (or, for a changed mode, file)
@@ -193,7 +193,7 @@ def settle_areas(fs: RootFS, areas: Iterable[Rel]) -> None:
 
 
 def touched_dirs(steps: Iterable[Step]) -> Set[Rel]:
-    """Every directory whose entries the steps change, and every item whose mode they change.
+    """Every directory whose entries the steps change, and each item whose mode they do.
 
     Without ``syncfs`` these are fsynced one by one: a mode lives in the
     item's own inode, which an fsync of its directory does not flush. Each
@@ -557,7 +557,7 @@ def _undo_remove(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
 def purge(
     fs: RootFS, rel: Rel, origin: Rel, trash: Optional[Rel], deferred: List[Rel]
 ) -> None:
-    """Delete ``rel`` (a tree); whatever refuses goes to ``trash``, listed in ``deferred``.
+    """Delete ``rel`` (a tree); what refuses goes to ``trash``, listed in ``deferred``.
 
     With ``trash`` None, what refuses stays where it is (emptying the trash).
     Never raises: clean-up must never undo a commit.
@@ -651,7 +651,9 @@ def _to_trash(
         _drop_entry(fs, token, target)
         return
     if is_transient(exc):
-        _log.warning("%r is in use; deferred its removal to the next recovery", join(origin))
+        _log.warning(
+            "%r is in use; deferred its removal to the next recovery", join(origin)
+        )
     else:
         _log.warning(
             "%r could not be removed (%s); deferred its removal to the next recovery",
@@ -702,7 +704,7 @@ def _write_origin(fs: RootFS, rel: Rel, origin: Rel, item: Rel) -> None:
 
 
 def read_origin(fs: RootFS, rel: Rel) -> Tuple[Optional[Rel], Optional[Rel]]:
-    """``(original path, trash entry)`` from a note in the trash (None where unreadable)."""
+    """``(original path, trash entry)`` from a note in the trash (None: unreadable)."""
     try:
         fd = fs.open(rel, os.O_RDONLY)
     except OSError:

@@ -1,4 +1,4 @@
-"""The journal: what a transaction is about to do, kept where a crash cannot lose it.
+r"""The journal: what a transaction is about to do, kept where a crash cannot lose it.
 
 A journal is a text file ``<root>/.fstx/<txid>.journal``, one record a line::
 
@@ -60,7 +60,7 @@ def _join(rel: Rel) -> str:
 
 @attrs.frozen
 class Header:
-    """The first record: format version, transaction id, root (informational) and durability."""
+    """The first record: version, transaction id, root (for people), durability."""
 
     txid: str
     root: str
@@ -97,7 +97,7 @@ class Remove:
 
 @attrs.frozen
 class Chmod:
-    """Set the mode bits of ``path`` (the item with inode ``ino``); undo restores them."""
+    """Set the mode bits of ``path`` (inode ``ino``); undo restores ``old_mode``."""
 
     path: Rel = attrs.field(converter=_rel)
     mode: int

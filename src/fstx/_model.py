@@ -47,7 +47,7 @@ class PlannedTree:
         self._top = _Node()
 
     def locate(self, path: Rel) -> Optional[Rel]:
-        """Where the planned ``path`` is now on disk, or None if it is planned absent."""
+        """Where the planned ``path`` is now on disk (None: planned absent)."""
         node = self._top
         found: Optional[Rel] = path
         for i, name in enumerate(path):
@@ -132,7 +132,7 @@ class PlannedTree:
         return node
 
     def set(self, path: Rel, loc: Optional[Rel]) -> None:
-        """Plan ``path`` to be the item now at ``loc`` (None: absent), subtree included."""
+        """Plan ``path`` (and its subtree) to be what is at ``loc`` (None: absent)."""
         node = self._make(path)
         node.children = {}
         node.is_set = True

@@ -76,7 +76,7 @@ MUTATING = frozenset(
 
 def set_hook(hook: Optional[Hook]) -> Optional[Hook]:
     """Install ``hook`` (or remove it with None); returns the previous one."""
-    global _hook  # noqa: PLW0603 - a process-wide seam is the point
+    global _hook
     previous, _hook = _hook, hook
     return previous
 

@@ -25,7 +25,7 @@ from fstx._commit import ROOT_TRASH, STAGING, TRASH
 from fstx._errors import JournalError, RollbackError
 from fstx._lock import LOCK_NAME, RootLock
 from fstx._retry import Retrier
-from fstx._tree import Rel, RootFS, join
+from fstx._tree import Rel, RootFS
 
 __all__ = ["RecoveryReport", "Status", "recover", "recover_locked", "status"]
 
@@ -78,7 +78,7 @@ def _nothing_to_do(names: Optional[List[str]]) -> bool:
     return names is None or all(n == LOCK_NAME for n in names)
 
 
-def recover(root: "str | os.PathLike[str]") -> RecoveryReport:
+def recover(root: str | os.PathLike[str]) -> RecoveryReport:
     """Finish or undo an interrupted transaction under ``root`` and empty the trash.
 
     Idempotent, safe to call at every start and from several processes at
@@ -146,7 +146,9 @@ def recover_locked(fs: RootFS, retrier: Retrier) -> RecoveryReport:
             except OSError as exc:
                 # The journal stays: the next recovery starts the undo again.
                 where = exc.filename if exc.filename is not None else fs.root
-                raise RollbackError(fs.root, "undo an interrupted commit at", where) from exc
+                raise RollbackError(
+                    fs.root, "undo an interrupted commit at", where
+                ) from exc
             rolled_back = True
         elif state == _journal.COMMITTED:
             for backup, origin in _commit.backups_of(steps):
@@ -193,11 +195,11 @@ def _trash_notes(fs: RootFS) -> List[Tuple[Rel, Optional[Rel], Rel]]:
         token = name[: -len(_commit.ORIGIN_SUFFIX)]
         found.append((note, origin, item or (*ROOT_TRASH, token)))
         described.add(token)
-    for name in sorted(names - described):
-        if not name.endswith(_commit.ORIGIN_SUFFIX):
-            found.append(
-                ((*ROOT_TRASH, name + _commit.ORIGIN_SUFFIX), None, (*ROOT_TRASH, name))
-            )
+    found.extend(
+        ((*ROOT_TRASH, name + _commit.ORIGIN_SUFFIX), None, (*ROOT_TRASH, name))
+        for name in sorted(names - described)
+        if not name.endswith(_commit.ORIGIN_SUFFIX)
+    )
     return found
 
 
@@ -222,12 +224,17 @@ def _empty_trash(fs: RootFS) -> Tuple[int, List[Rel]]:
 
 def _drop_mount_staging(fs: RootFS, rel: Rel) -> None:
     """Remove a mount's emptied staging directory (or its trash); the root's stays."""
-    if rel and rel[0] != STAGING and STAGING in rel and fs.is_dir(rel):
-        if not fs.listdir(rel):
-            fs.rmdir(rel)
+    if (
+        rel
+        and rel[0] != STAGING
+        and STAGING in rel
+        and fs.is_dir(rel)
+        and not fs.listdir(rel)
+    ):
+        fs.rmdir(rel)
 
 
-def status(root: "str | os.PathLike[str]") -> Status:
+def status(root: str | os.PathLike[str]) -> Status:
     """Look at ``root`` without changing anything.
 
     ``pending`` is True when a journal is left by a transaction whose process

@@ -213,7 +213,7 @@ class _PlannedSource(_Source):
 
 
 class _StagedFile(io.RawIOBase):
-    """A staged file's descriptor, written through the OS seam like every other write."""
+    """A staged file's descriptor, written through the OS seam like every write."""
 
     def __init__(self, fd: int) -> None:
         super().__init__()
@@ -379,7 +379,7 @@ class Transaction:
         return None
 
     def _resolve(self, path: object, op: str, *, follow_last: bool = False) -> Rel:
-        """The planned location of a caller's path, with symlinks resolved in parents."""
+        """The planned location of a caller's path (symlinks in parents resolved)."""
         text = _fspath(path)
         if not text:
             raise PlanError(op, text, "the path is empty")
@@ -432,7 +432,8 @@ class Transaction:
                         raise PlanError(
                             op,
                             path,
-                            f"{join(cand)!r} is a symlink to {target!r}, outside the root",
+                            f"{join(cand)!r} is a symlink to {target!r}, "
+                            "outside the root",
                         )
                     out = []
                     target = inner
@@ -1009,7 +1010,7 @@ class Transaction:
             _commit.settle_areas(self._fs, self._areas.values())
 
     def rollback(self) -> None:
-        """Discard the plan; nothing under the root has changed. The transaction is spent."""
+        """Discard the plan (nothing under the root changed); the transaction ends."""
         if self._spent:
             raise PlanError(
                 "roll back", self.root, "the transaction is already finished"

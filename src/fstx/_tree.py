@@ -84,7 +84,9 @@ class RootFS:
             st = _os.lstat(parent, rel[-1])
             if stat.S_ISLNK(st.st_mode):
                 raise OSError(
-                    errno.ELOOP, "a symlink stands where a directory was", self.abspath(rel)
+                    errno.ELOOP,
+                    "a symlink stands where a directory was",
+                    self.abspath(rel),
                 ) from exc
             raise
         self._dirs[rel] = d

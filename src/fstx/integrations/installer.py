@@ -274,7 +274,7 @@ class TransactionalDestination(WheelDestination):
             algorithm is unknown, or an optimization level is invalid.
     """
 
-    def __init__(  # noqa: PLR0917 - positional, as SchemeDictionaryDestination's
+    def __init__(
         self,
         tx: Transaction,
         scheme_dict: Mapping[str, StrPath],
