@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
 import pytest
 
 import fstx
-from fstx import _os
+from fstx import _os, _recovery
+from fstx._platform import impl
 from treeutil import assert_clean, installed, make_tree, snapshot, staging_leftovers
 
 if TYPE_CHECKING:
@@ -448,3 +449,34 @@ def test_recover_after_the_root_itself_moved(root: pathlib.Path) -> None:
     assert (report.rolled_back, report.rolled_forward) == (True, False)
     assert snapshot(moved) == before
     assert_clean(moved)
+
+
+@pytest.mark.parametrize(
+    "opted_in", [pytest.param(True, id="opted-in"), pytest.param(False, id="default")]
+)
+def test_held_trash_entries_are_scheduled_for_deletion_at_boot_only_when_asked(
+    root: pathlib.Path, monkeypatch: pytest.MonkeyPatch, opted_in: bool
+) -> None:
+    _report, busy = _commit_with_busy(root)
+    scheduled: List[str] = []
+
+    def schedule(path: str) -> bool:
+        scheduled.append(path)
+        return True
+
+    monkeypatch.setattr(impl, "schedule_delete_on_reboot", schedule)
+    if opted_in:
+        monkeypatch.setenv(_recovery.REBOOT_ENV, "1")
+    else:
+        monkeypatch.delenv(_recovery.REBOOT_ENV, raising=False)
+    with installed(busy):
+        held = fstx.recover(root)
+    assert held.purged == 0
+    if opted_in:
+        # every file of both held entries, each under the trash
+        assert len(scheduled) >= 2
+        assert all(os.sep + os.path.join(".fstx", "trash") in p for p in scheduled)
+    else:
+        assert scheduled == []
+    assert fstx.recover(root).purged == 2
+    assert_clean(root)

@@ -15,6 +15,7 @@ as the files are free.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import List, Optional, Tuple
 
@@ -24,8 +25,11 @@ from fstx import _commit, _journal
 from fstx._commit import ROOT_TRASH, STAGING, TRASH
 from fstx._errors import JournalError, RollbackError
 from fstx._lock import LOCK_NAME, RootLock
+from fstx._platform import impl
 from fstx._retry import Retrier
 from fstx._tree import Rel, RootFS
+
+_log = logging.getLogger("fstx")
 
 __all__ = ["RecoveryReport", "Status", "recover", "recover_locked", "status"]
 
@@ -211,6 +215,8 @@ def _empty_trash(fs: RootFS) -> Tuple[int, List[Rel]]:
         _commit.purge(fs, item, origin or item, None, left)
         if fs.exists(item):
             still.append(origin or item)
+            if os.environ.get(REBOOT_ENV) == "1":
+                _delete_on_reboot(fs, item)
             continue
         purged += 1
         if fs.exists(note):
@@ -220,6 +226,22 @@ def _empty_trash(fs: RootFS) -> Tuple[int, List[Rel]]:
     if fs.exists(ROOT_TRASH) and not fs.listdir(ROOT_TRASH):
         fs.rmdir(ROOT_TRASH)
     return purged, still
+
+
+REBOOT_ENV = "FSTX_DELETE_ON_REBOOT"
+"""Set to ``1`` to have Windows delete trash entries still in use at the next boot."""
+
+
+def _delete_on_reboot(fs: RootFS, item: Rel) -> None:
+    """Opt-in (off by default): ask the OS to delete a held trash entry at boot.
+
+    Only Windows can (``MOVEFILE_DELAY_UNTIL_REBOOT``, elevated processes
+    only); elsewhere nothing holds a file against deletion and this is a no-op.
+    The entry stays listed until a recovery finds it gone.
+    """
+    paths = [fs.abspath(p) for p in fs.walk_files(item)]
+    if all(impl.schedule_delete_on_reboot(p) for p in paths):
+        _log.info("%r will be deleted at the next boot", fs.abspath(item))
 
 
 def _drop_mount_staging(fs: RootFS, rel: Rel) -> None:
