@@ -60,6 +60,7 @@ from workloads import (
     Write,
     build,
     fast_base,
+    fork,
     tree_of,
 )
 
@@ -326,7 +327,7 @@ class FstxMachine(RuleBasedStateMachine):
         tx, self.tx = self.tx, None
         assert tx is not None
         r, w = os.pipe()
-        pid = os.fork()
+        pid = fork()
         if pid == 0:  # the child commits and dies at call k: never returns
             code = 0
             try:

@@ -23,6 +23,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import warnings
 from collections import deque
 from typing import (
     Any,
@@ -893,6 +894,25 @@ def traced_run(
         with fstx.transaction(root, durability=durability) as tx:
             workload.plan(tx, src_dir)
     return trace
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def fork() -> int:
+    """``os.fork()``, without the 3.12+ warning about threads left by other tests.
+
+    The children of these suites run fstx and end with ``os._exit``; they
+    take no lock that a leftover idle thread (a timeout watcher, a finished
+    test's helper) could hold.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r".*use of fork\(\) may lead to deadlocks",
+            category=DeprecationWarning,
+        )
+        return os.fork()
 
 
 # -- scratch space -----------------------------------------------------------
