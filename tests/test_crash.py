@@ -12,8 +12,8 @@ the crash came after the commit record was written.
 Also: the same sweep where hard links fail (old files are moved away, as on
 Windows); recovery crashed at each of its own calls, then run again; an I/O
 error at each call of recovery; a crash at each call of the undo of a commit
-that failed; and a blackbox test that SIGKILLs a child looping commits at
-random times.
+that failed, and of a rollback; and a blackbox test that SIGKILLs a child
+looping commits at random times.
 """
 
 from __future__ import annotations
@@ -488,6 +488,50 @@ def test_crash_while_undoing_a_failed_commit(
                 if code == 0 and ack is not None:
                     break
         assert crashed >= len(faults)
+
+
+# -- crash while rolling back ----------------------------------------------------
+
+
+def rollback_work(workload: Workload, root: str, src: str, hook: _os.Hook) -> Work:
+    def work() -> bytes:
+        tx = fstx.transaction(root)
+        workload.plan(tx, src)
+        _os.set_hook(hook)  # armed for the rollback only
+        tx.rollback()
+        return b"rolled back"
+
+    return work
+
+
+@pytest.mark.parametrize("name", ["installer-upgrade", "symlinks-copied-and-deleted"])
+def test_crash_during_rollback(name: str, tmp_path: Any) -> None:
+    """A process that dies while rolling back leaves the tree as it was; recovery sweeps."""
+    workload = BY_NAME[name]
+    with scratch(tmp_path) as base:
+        for k in range(1, 1000):
+            root, src = (
+                os.path.join(base, f"{k}", "root"),
+                os.path.join(base, f"{k}", "src"),
+            )
+            workload.setup(root, src)
+            before = snapshot(root)
+            code, ack = in_child(
+                rollback_work(workload, root, src, CrashAt(k, "before")), None
+            )
+            where = f"{name}: crash before rollback call {k}"
+            code2, report = recover_forked(root)
+            assert code2 == 0, where
+            assert report is not None
+            assert (report.rolled_back, report.rolled_forward) == (False, False), where
+            check_settled(root, before, True, where)
+            if code == 0:
+                assert ack == b"rolled back", where
+                break  # the rollback needed fewer calls
+            assert (code, ack) == (CRASHED, None), where
+        else:
+            pytest.fail("the rollback never ended")
+        assert k > 3
 
 
 # -- blackbox: SIGKILL at random times -------------------------------------------

@@ -480,3 +480,45 @@ def test_transient_errors_during_undo_are_retried(
         assert len(fake.sleeps) == hook.transient.failed
         assert snapshot(root) == before
         assert_clean(root)
+
+
+# -- faults while rolling back ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["installer-upgrade", "symlinks-copied-and-deleted", "mixed-8-ops-with-mkdir"],
+)
+@pytest.mark.parametrize("persistent", ONCE_OR_PERSISTENT)
+def test_fault_during_rollback(name: str, persistent: bool, tmp_path: Any) -> None:
+    """A rollback that meets an I/O error never touches the tree; recovery sweeps what it left."""
+    workload = BY_NAME[name]
+    with scratch(tmp_path) as base:
+        k = 0
+        while True:
+            k += 1
+            assert k < 1000, "the rollback never ended"
+            root, src = (
+                os.path.join(base, f"{k}", "root"),
+                os.path.join(base, f"{k}", "src"),
+            )
+            workload.setup(root, src)
+            before = snapshot(root)
+            tx = fstx.transaction(root)
+            workload.plan(tx, src)
+            fault = Fault(k, persistent)
+            where = f"{name}: {'persistent ' if persistent else ''}fault at rollback call {k}"
+            with installed(fault):
+                tx.rollback()  # clean-up problems are logged, never raised
+            fault.active = False
+            assert tx.spent, where
+            assert snapshot(root) == before, where
+            if fault.count < k:
+                assert_clean(root)  # the rollback needed fewer calls: done
+                break
+            if staging_leftovers(root):
+                # What is left is visible, and the next recovery removes it.
+                assert not fstx.status(root).clean, where
+            recover_and_check(root, before, where)
+            assert snapshot(root) == before, where
+        assert k > 3
