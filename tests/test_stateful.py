@@ -7,9 +7,11 @@ where the model refuses them; a commit must turn the tree into the planned
 model, a rollback must leave it alone; a commit that meets an injected fault
 must leave the tree exactly as it was (or, once the commit record is written,
 exactly as planned); a commit run in a forked child that dies at call k must
-be recovered to one of the two. After every step the real tree equals the
-model, file identities included, and with no transaction open the staging
-directory holds nothing but its lock file.
+be recovered to one of the two. Half the runs happen where hard links fail,
+so that replaced files are moved out of the way instead (the Windows path).
+After every step the real tree equals the model, file identities included,
+and with no transaction open the staging directory holds nothing but its
+lock file.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from workloads import (
     Delete,
     Mkdir,
     ModelPlanError,
+    NoHardLinks,
     Op,
     Rename,
     TreeModel,
@@ -62,6 +65,7 @@ from workloads import (
     fast_base,
     fork,
     tree_of,
+    wrapped,
 )
 
 pytestmark = [
@@ -141,14 +145,19 @@ class FstxMachine(RuleBasedStateMachine):
         self.model = TreeModel.of(self.root)
         self.planned = self.model
         self.tx: Optional[fstx.Transaction] = None
+        self.links = True
         self.planned_ops = 0
         self.attempts = 0
         self.length = 0
 
-    @initialize(tree=initial_trees())
-    def start(self, tree: Any) -> None:
+    @initialize(tree=initial_trees(), links=st.booleans())
+    def start(self, tree: Any, links: bool) -> None:
         build(self.root, tree)
         self.model = TreeModel.of(self.root)
+        # Without hard links, replaced files are moved out of the way (the
+        # path Windows takes); every hook below keeps that in force.
+        self.links = links
+        _os.set_hook(None if links else NoHardLinks())
 
     def teardown(self) -> None:
         _os.set_hook(None)
@@ -295,7 +304,7 @@ class FstxMachine(RuleBasedStateMachine):
         fault = FaultAt(k, err, persistent)
         report: Optional[fstx.CommitReport] = None
         error: Optional[fstx.FstxError] = None
-        with installed(fault):
+        with installed(wrapped(fault, self.links)):
             try:
                 report = tx.commit()
             except (fstx.CommitError, fstx.RollbackError) as exc:
@@ -332,7 +341,7 @@ class FstxMachine(RuleBasedStateMachine):
             code = 0
             try:
                 os.close(r)
-                _os.set_hook(CrashAt(k, when, w))
+                _os.set_hook(wrapped(CrashAt(k, when, w), self.links))
                 tx.commit()
                 _os.set_hook(None)
                 os.write(w, b"A")
