@@ -597,6 +597,24 @@ class Transaction:
             raise
         return made
 
+    def _where_to_stage(
+        self, rel: Rel, existing: Optional[os.stat_result]
+    ) -> Tuple[DeviceKey, Optional[Rel], List[Rel], Rel]:
+        """Where new content for ``rel`` is made: ``(device, inline, made, staged)``.
+
+        Inside a directory this transaction creates, new content is made in
+        place in that directory's staged copy (``inline``), after the staged
+        parents it needs (``made``, for :meth:`_unmake` on failure); anywhere
+        else it goes into the device's staging area.
+        """
+        top = self._nearest_dir(rel)
+        dev = self._dev_of_dir(top)
+        inline = None if existing is not None else self._inline(rel, top)
+        if inline is None:
+            return dev, None, [], self._new_name(self._area(dev, top), "s")
+        made = self._make_inline(rel, top, inline)
+        return dev, inline, made, (*inline, *rel[len(top) :])
+
     def _unmake(self, made: List[Rel]) -> None:
         for d in reversed(made):
             self._fs.rmdir(d)
@@ -731,15 +749,8 @@ class Transaction:
             and stat.S_ISDIR(st.st_mode)
         ):
             raise PlanError("copy", dst, "cannot copy a directory into itself")
-        top = self._nearest_dir(rel)  # parents are planned once the copy is staged
-        dev = self._dev_of_dir(top)
-        inline = None if existing is not None else self._inline(rel, top)
-        made: List[Rel] = []
-        if inline is not None:
-            made = self._make_inline(rel, top, inline)
-            staged = (*inline, *rel[len(top) :])
-        else:
-            staged = self._new_name(self._area(dev, top), "s")
+        # Parents are planned only once the copy is staged.
+        dev, inline, made, staged = self._where_to_stage(rel, existing)
         try:
             self._copy_into(source, key, staged, follow_symlinks)
         except BaseException:
@@ -784,24 +795,16 @@ class Transaction:
 
     def _write_chunks(self, dst: StrPath, chunks: Any, mode: Optional[int]) -> None:
         rel, existing = self._target(dst, "write", is_dir=False)
-        top = self._nearest_dir(rel)
-        inline = None if existing is not None else self._inline(rel, top)
-        if inline is not None:
-            made = self._make_inline(rel, top, inline)
-            try:
-                self._stage_bytes((*inline, *rel[len(top) :]), chunks, mode)
-            except BaseException:
-                self._unmake(made)
-                raise
-            self._record(Operation("write", join(rel), mode=mode))
-            return
-        dev = self._dev_of_dir(top)  # parents are planned once the content is staged
-        area = self._area(dev, top)
-        staged = self._stage_bytes(
-            self._new_name(area, "s"), chunks, self._mode_for(rel, existing, mode)
-        )
-        self._ensure_parents(rel)
-        self._add_place(staged, rel, dev, backup=existing is not None)
+        # Parents are planned only once the content is staged.
+        dev, inline, made, staged = self._where_to_stage(rel, existing)
+        try:
+            self._stage_bytes(staged, chunks, self._mode_for(rel, existing, mode))
+        except BaseException:
+            self._unmake(made)
+            raise
+        if inline is None:
+            self._ensure_parents(rel)
+            self._add_place(staged, rel, dev, backup=existing is not None)
         self._record(Operation("write", join(rel), mode=mode))
 
     def _mode_for(
@@ -832,15 +835,8 @@ class Transaction:
                 "open", dst, f"mode must be 'wb', 'w' or 'wt', not {mode!r}"
             )
         rel, existing = self._target(dst, "write", is_dir=False)
-        top = self._nearest_dir(rel)  # parents are planned once the block succeeds
-        dev = self._dev_of_dir(top)
-        inline = None if existing is not None else self._inline(rel, top)
-        made: List[Rel] = []
-        if inline is not None:
-            made = self._make_inline(rel, top, inline)
-            staged = (*inline, *rel[len(top) :])
-        else:
-            staged = self._new_name(self._area(dev, top), "s")
+        # Parents are planned only once the block succeeds.
+        dev, inline, made, staged = self._where_to_stage(rel, existing)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         try:
             fd = self._fs.open(staged, flags, 0o666)
