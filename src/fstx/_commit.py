@@ -35,7 +35,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 
 from fstx import _journal, _os
 from fstx._errors import InUseError
-from fstx._journal import Chmod, Place, Remove, Step
+from fstx._journal import Place, Remove, Step
 from fstx._platform import impl
 from fstx._retry import Retrier, is_transient
 from fstx._tree import Rel, RootFS, join
@@ -735,8 +735,3 @@ def backups_of(steps: Iterable[Step]) -> List[Tuple[Rel, Rel]]:
         elif isinstance(step, Remove):
             found.append((step.backup, step.path))
     return found
-
-
-def chmod_steps(steps: Iterable[Step]) -> List[Chmod]:
-    """The chmod steps (for tests and reports)."""
-    return [s for s in steps if isinstance(s, Chmod)]
