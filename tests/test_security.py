@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 
 import fstx
+from stracetools import split_args, string_arg
 from treeutil import Snapshot, assert_clean, installed, make_tree, snapshot
 
 pytestmark = pytest.mark.skipif(
@@ -874,42 +875,6 @@ _WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND")
 _LINE = re.compile(r"^(?:\[pid\s+\d+\]\s+|\d+\s+)?(\w+)\((.*)\)\s+=\s+(-?\d+|\?)")
 
 
-def _split_args(text: str) -> List[str]:
-    """Top-level comma-separated arguments of an strace call (strings kept whole)."""
-    args, depth, cur, quoted, escaped = [], 0, "", False, False
-    for ch in text:
-        if quoted:
-            cur += ch
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                quoted = False
-            continue
-        if ch == '"':
-            quoted = True
-        elif ch in "[{(<":
-            depth += 1
-        elif ch in "]})>":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            args.append(cur.strip())
-            cur = ""
-            continue
-        cur += ch
-    if cur.strip():
-        args.append(cur.strip())
-    return args
-
-
-def _string(arg: str) -> Optional[str]:
-    if not arg.startswith('"'):
-        return None
-    body = arg[1 : arg.rindex('"')]
-    return body.encode("latin-1", "backslashreplace").decode("unicode_escape")
-
-
 def _dirfd(arg: str, cwd: str) -> Optional[str]:
     if arg.startswith("AT_FDCWD"):
         return cwd
@@ -935,14 +900,14 @@ def writes_in_trace(log: str, cwd: str) -> List[Tuple[str, str]]:
             break
         if not started:
             continue
-        args = _split_args(argtext)
+        args = split_args(argtext)
         paths: List[str] = []
         if call in _MUTATING_AT:
             if call == "openat" and not any(f in argtext for f in _WRITE_FLAGS):
                 continue
             for fd_at, name_at in _MUTATING_AT[call]:
                 base = _dirfd(args[fd_at], cwd) if fd_at < len(args) else None
-                name = _string(args[name_at]) if name_at < len(args) else None
+                name = string_arg(args[name_at]) if name_at < len(args) else None
                 if base is None:
                     continue
                 paths.append(base if name in (None, "") else os.path.join(base, name))
@@ -950,7 +915,7 @@ def writes_in_trace(log: str, cwd: str) -> List[Tuple[str, str]]:
             if call == "open" and not any(f in argtext for f in _WRITE_FLAGS):
                 continue
             for at in _MUTATING_PLAIN[call]:
-                name = _string(args[at]) if at < len(args) else None
+                name = string_arg(args[at]) if at < len(args) else None
                 if name is not None:
                     paths.append(os.path.join(cwd, name))
         else:
