@@ -313,6 +313,32 @@ def _rename_noreplace(fs: RootFS, src: Rel, dst: Rel) -> None:
         fs.rename(src, dst)
 
 
+def _within_defer(
+    retrier: Retrier,
+    func: Callable[[Rel, Rel], None],
+    src: Rel,
+    dst: Rel,
+    operation: str,
+    path: Rel,
+    already_done: Callable[[], bool],
+) -> bool:
+    """Try ``func(src, dst)`` for ``defer_after`` seconds.
+
+    Returns False when it stayed refused by a transient error (a file in use),
+    so the caller can take its fallback; a permanent error is raised.
+    """
+    try:
+        retrier.call(
+            func, src, dst, operation=operation, path=path,
+            budget=retrier.policy.defer_after, already_done=already_done,
+        )  # fmt: skip
+    except OSError as exc:
+        if not is_transient(exc):
+            raise
+        return False
+    return True
+
+
 def _apply_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
     src, dst, backup = step.src, step.dst, step.backup
     src_ino = _ino(fs, src)
@@ -323,7 +349,6 @@ def _apply_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
             errno.ENOENT, "changed or removed since it was planned", fs.abspath(src)
         )
     done = lambda: _ino(fs, src) is None  # noqa: E731 - a one-line idempotency check
-    policy = retrier.policy
     if backup is None or not fs.exists(dst):
         retrier.call(
             _rename_noreplace, fs, src, dst, operation="move into place", path=dst,
@@ -336,15 +361,7 @@ def _apply_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
         except OSError as exc:
             _log.debug("no hard-link backup of %r (%s); moving it away", join(dst), exc)
         else:
-            try:
-                retrier.call(
-                    fs.rename, src, dst, operation="replace", path=dst,
-                    budget=policy.defer_after, already_done=done,
-                )  # fmt: skip
-            except OSError as exc:
-                if not is_transient(exc):
-                    raise
-            else:
+            if _within_defer(retrier, fs.rename, src, dst, "replace", dst, done):
                 return
     # The old file would not be replaced (Windows, or a file in use): move it
     # away into staging, then put the new one in the free name.
@@ -518,15 +535,7 @@ def _undo_remove(fs: RootFS, path: Rel, backup: Rel, retrier: Retrier) -> None:
                 already_done=back,
             )  # fmt: skip
             return
-        try:
-            retrier.call(
-                fs.rename, backup, path, operation="undo delete", path=path,
-                budget=retrier.policy.defer_after, already_done=back,
-            )  # fmt: skip
-        except OSError as exc:
-            if not is_transient(exc):
-                raise
-        else:
+        if _within_defer(retrier, fs.rename, backup, path, "undo delete", path, back):
             return
         # A file in use below keeps the directory from moving back (Windows,
         # winfs), as it kept it from moving away: recreate it, with its mode,
