@@ -1151,7 +1151,8 @@ class Recorder:
     def _on_write(self, fd: int, data: bytes) -> None:
         self._content(self._fd(fd), fd, f"write {_fd_path(fd)} (+{len(data)} bytes)")
 
-    def _on_copy_fd(self, src: int, dst: int) -> None:
+    def _on_copy_fd(self, src: int, dst: int, clone: bool = True) -> None:
+        del clone
         self._content(self._fd(dst), dst, f"copy into {_fd_path(dst)}")
 
     def _on_fsync(self, fd: int) -> None:

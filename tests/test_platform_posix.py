@@ -376,18 +376,22 @@ def test_small_primitives(dir_root: Dir, tmp_path: Path) -> None:
         pytest.param((3 << 20) + 17, id="3MiB"),
     ],
 )
-def test_copy_fd_copies_content(any_root: Dir, tmp_path: Path, size: int) -> None:
+@pytest.mark.parametrize("clone", [True, False], ids=["clone", "no-clone"])
+def test_copy_fd_copies_content(
+    any_root: Dir, tmp_path: Path, size: int, clone: bool
+) -> None:
     data = os.urandom(size)
     src = tmp_path / "src.bin"  # on the test file system; any_root may be tmpfs
     src.write_bytes(data)
     fs = os.open(src, os.O_RDONLY)
     fd = _posix.open_file(any_root, "dst.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        _posix.copy_fd(fs, fd)
+        cloned = _posix.copy_fd(fs, fd, clone)
     finally:
         os.close(fs)
         os.close(fd)
     assert (Path(any_root.path) / "dst.bin").read_bytes() == data
+    assert clone or not cloned
 
 
 def test_fsync_dir_and_syncfs(any_root: Dir) -> None:

@@ -234,6 +234,43 @@ def test_copy_reads_the_source_when_called(
     check(root, {"f": F(b"outside")})
 
 
+def test_copy_asks_for_a_clone_once_per_source_device(
+    root: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # A file system that cannot clone (ext4, tmpfs) says so on the first file;
+    # the others go straight to copy_file_range. One that can keeps cloning.
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}").write_bytes(b"x" * (i + 1) * 1000)
+    probe = fstx._os.impl.open_root(str(root))
+    try:
+        a = os.open(src / "f0", os.O_RDONLY)
+        b = fstx._os.impl.open_file(probe, "probe", os.O_WRONLY | os.O_CREAT)
+        try:
+            can_clone = fstx._os.impl.copy_fd(a, b)
+        finally:
+            os.close(a)
+            os.close(b)
+        os.unlink(root / "probe")
+    finally:
+        fstx._os.impl.close_dir(probe)
+    asked: List[bool] = []
+
+    def hook(name: str, phase: str, args: Tuple[Any, ...]) -> None:
+        if name == "copy_fd" and phase == "before":
+            asked.append(args[2])
+
+    tx = tx_on(root)
+    with installed(hook):
+        for i in range(4):
+            tx.copy(src / f"f{i}", f"d/f{i}")
+    tx.commit()
+    assert asked == [True] * 4 if can_clone else [True, False, False, False]
+    expected = {f"d/f{i}": F(b"x" * (i + 1) * 1000) for i in range(4)}
+    check(root, {"d": D(), **expected})
+
+
 def test_copy_inside_root_relative_and_absolute(root: pathlib.Path) -> None:
     make_tree(root, {"a.txt": b"A", "pkg/x.py": b"x", "pkg/sub/y.py": b"y"})
     os.chmod(root / "a.txt", 0o700)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from fstx._tree import Rel, RootFS
 
@@ -45,6 +45,11 @@ class PlannedTree:
     def __init__(self, fs: RootFS) -> None:
         self.fs = fs
         self._top = _Node()
+        # The directories' lstat results again, by path: one dictionary
+        # lookup instead of a walk down the trie. Emptied whenever a path at
+        # or above a remembered one is planned anew (``_prefixes`` tells).
+        self._memo: Dict[Rel, os.stat_result] = {}
+        self._prefixes: Set[Rel] = set()
 
     def locate(self, path: Rel) -> Optional[Rel]:
         """Where the planned ``path`` is now on disk (None: planned absent)."""
@@ -65,6 +70,9 @@ class PlannedTree:
         A directory's result is remembered until an operation plans that
         path (or a parent) anew, or :meth:`changed` says its item changed.
         """
+        st = self._memo.get(path)
+        if st is not None:
+            return st
         node = self._top
         found: Optional[Rel] = path
         exact = True
@@ -79,14 +87,27 @@ class PlannedTree:
         if found is None:
             return None
         if exact and node.dir_st is not None:
+            self._remember(path, node.dir_st)
             return node.dir_st
         st = self.fs.lstat(found)
         if st is not None and stat.S_ISDIR(st.st_mode):
             (node if exact else self._make(path)).dir_st = st
+            self._remember(path, st)
         return st
+
+    def _remember(self, path: Rel, st: os.stat_result) -> None:
+        self._memo[path] = st
+        self._prefixes.update(path[:i] for i in range(1, len(path) + 1))
+
+    def _replanned(self, path: Rel) -> None:
+        """``path`` and what lies below it are planned anew: drop what may be stale."""
+        if path in self._prefixes:
+            self._memo.clear()
+            self._prefixes.clear()
 
     def changed(self, path: Rel) -> None:
         """Forget what :meth:`lstat` remembers of ``path`` (its item was changed)."""
+        self._replanned(path)
         node = self._node(path)
         if node is not None:
             node.dir_st = None
@@ -133,6 +154,7 @@ class PlannedTree:
 
     def set(self, path: Rel, loc: Optional[Rel]) -> None:
         """Plan ``path`` (and its subtree) to be what is at ``loc`` (None: absent)."""
+        self._replanned(path)
         node = self._make(path)
         node.children = {}
         node.is_set = True
@@ -141,6 +163,8 @@ class PlannedTree:
 
     def move(self, src: Rel, dst: Rel) -> None:
         """Plan a rename: ``dst`` becomes what ``src`` is, with its planned subtree."""
+        self._replanned(src)
+        self._replanned(dst)
         loc = self.locate(src)
         old = self._node(src)
         children = old.children if old is not None else {}

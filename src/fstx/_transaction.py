@@ -27,6 +27,7 @@ from typing import (
     Iterator,
     List,
     Optional,
+    Set,
     Tuple,
     Type,
     Union,
@@ -55,6 +56,10 @@ ProgressCallback = Callable[[int, int], None]
 
 _MAX_SYMLINKS = 40
 _NAME_MAX = 255
+_READ = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+_READ_NOFOLLOW = _READ | getattr(os, "O_NOFOLLOW", 0)
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+_NAMES_REMEMBERED = 1 << 16  # names known to fit NAME_MAX, kept for speed
 _EUID: Optional[int] = os.geteuid() if hasattr(os, "geteuid") else None
 _DURABILITY = ("full", "none")
 
@@ -165,10 +170,7 @@ class _OutsideSource(_Source):
         return os.path.join(key, name)
 
     def open(self, key: Any, follow: bool) -> int:
-        flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-        if not follow:
-            flags |= getattr(os, "O_NOFOLLOW", 0)
-        return os.open(key, flags)
+        return os.open(key, _READ if follow else _READ_NOFOLLOW)
 
     def readlink(self, key: Any) -> str:
         return os.readlink(str(key))
@@ -275,12 +277,23 @@ class Transaction:
         self._modes: Dict[Rel, int] = {}
         self._areas: Dict[DeviceKey, Rel] = {}
         self._keys: Dict[Rel, DeviceKey] = {}
+        # Devices whose files could not be cloned into staging (ext4, tmpfs,
+        # another file system): their copies go straight to copy_file_range.
+        self._no_clone: Set[int] = set()
         self._area_tops: List[Rel] = []
+        self._nested_tops: List[Rel] = []  # those below the root's own
         self._counter = 0
         self._txid = secrets.token_hex(8)
         if not os.path.isdir(self.root):
             raise PlanError("open a transaction on", self.root, "it is not a directory")
         self._root_real = os.path.realpath(self.root)
+        # The root as callers may spell it (as given, and with its symlinks
+        # resolved), normalized once: (whole path, prefix of what is inside).
+        self._bases: List[Tuple[str, str]] = []
+        for base in (self.root, self._root_real):
+            b = os.path.normcase(base.rstrip(os.sep) or os.sep)
+            self._bases.append((b, b if b.endswith(os.sep) else b + os.sep))
+        self._names_ok: Set[str] = set()  # names already checked by _checked
         staging = os.path.join(self.root, STAGING)
         self._new_staging = False
         try:
@@ -367,19 +380,24 @@ class Transaction:
 
     def _inside(self, text: str) -> Optional[str]:
         """``text`` (absolute) relative to the root, or None when outside it."""
-        norm = os.path.normcase
-        for base in (self.root, self._root_real):
-            b = norm(base.rstrip(os.sep) or os.sep)
-            t = norm(text)
+        t = os.path.normcase(text)
+        for b, prefix in self._bases:
             if t == b:
                 return ""
-            prefix = b if b.endswith(os.sep) else b + os.sep
             if t.startswith(prefix):
                 return text[len(prefix) :]
         return None
 
     def _resolve(self, path: object, op: str, *, follow_last: bool = False) -> Rel:
         """The planned location of a caller's path (symlinks in parents resolved)."""
+        return self._walk(path, op, follow_last=follow_last)[0]
+
+    def _walk(self, path: object, op: str, *, follow_last: bool) -> Tuple[Rel, int]:
+        """:meth:`_resolve`, and how many leading names are planned directories.
+
+        When that count is short of the parent, the next name is planned
+        absent (so is everything below it): the caller need not look again.
+        """
         text = _fspath(path)
         if not text:
             raise PlanError(op, text, "the path is empty")
@@ -389,19 +407,25 @@ class Transaction:
                 raise PlanError(op, text, f"it is outside the root {self.root!r}")
             text = inner
         parts = _split_parts(text)
+        missing: Optional[Rel] = None  # a parent the quick look found absent
         if not follow_last and len(parts) > 1 and ".." not in parts:
             # The parent as planned is a directory reached without a symlink
             # (the planned tree never resolves through one): the walk below
             # would find the same path, one lookup per component.
+            parent = tuple(parts[:-1])
             try:
-                st = self._model.lstat(tuple(parts[:-1]))
+                st = self._model.lstat(parent)
             except OSError:  # a symlink on the way (ELOOP): the walk resolves it
                 st = None
+            else:
+                missing = parent if st is None else None
             if st is not None and stat.S_ISDIR(st.st_mode):
-                return self._checked(tuple(parts), path, op)
+                return self._checked(tuple(parts), path, op), len(parts) - 1
         todo: Deque[str] = deque(parts)
         out: List[str] = []
         links = 0
+        known = 0  # leading names of ``out`` seen to be planned directories
+        absent = -1  # where in ``out`` the first name planned absent is
         while todo:
             name = todo.popleft()
             if name == "..":
@@ -410,13 +434,20 @@ class Transaction:
                         op, path, f"'..' leads outside the root {self.root!r}"
                     )
                 out.pop()
+                known = min(known, len(out))
+                if absent >= len(out):
+                    absent = -1
                 continue
             cand = (*out, name)
             if not todo and not follow_last:
                 out.append(name)
                 break
-            st = self._model.lstat(cand)
+            if absent >= 0:
+                out.append(name)  # below a name planned absent: absent too
+                continue
+            st = None if cand == missing else self._model.lstat(cand)
             if st is None:
+                absent = len(out)
                 out.append(name)
                 continue
             if stat.S_ISLNK(st.st_mode):
@@ -436,24 +467,38 @@ class Transaction:
                             "outside the root",
                         )
                     out = []
+                    known = 0
                     target = inner
                 todo.extendleft(reversed(_split_parts(target)))
                 continue
             if todo and not stat.S_ISDIR(st.st_mode):
                 raise PlanError(op, path, f"{join(cand)!r} is not a directory")
             out.append(name)
-        return self._checked(tuple(out), path, op)
+            if known == len(out) - 1 and stat.S_ISDIR(st.st_mode):
+                known = len(out)
+        return self._checked(tuple(out), path, op), min(known, len(out) - 1)
 
     def _checked(self, rel: Rel, path: object, op: str) -> Rel:
         if not rel:
             raise PlanError(op, path, "that is the root itself")
-        if rel[0] == STAGING or any(rel[: len(t)] == t for t in self._area_tops):
+        if (
+            rel[0] == STAGING
+            or (
+                self._nested_tops  # staging on a mount inside the root
+                and any(rel[: len(t)] == t for t in self._nested_tops)
+            )
+        ):
             raise PlanError(op, path, "it is inside fstx's staging directory")
         for name in rel:
+            if name in self._names_ok:
+                continue
             # NAME_MAX: 255 bytes on ext4, xfs, btrfs, tmpfs, APFS; 255 UTF-16
             # units on NTFS. Refused now rather than as ENAMETOOLONG mid-commit.
             size = len(name) if sys.platform == "win32" else len(os.fsencode(name))
-            if size > _NAME_MAX:
+            if size <= _NAME_MAX:
+                if len(self._names_ok) < _NAMES_REMEMBERED:
+                    self._names_ok.add(name)
+            else:
                 # What the OS would say at commit, said now (nothing changed yet).
                 raise OSError(
                     errno.ENAMETOOLONG,
@@ -476,9 +521,11 @@ class Transaction:
                 op, path, "the transaction is already committed or rolled back"
             )
 
-    def _dev_of_dir(self, rel: Rel) -> DeviceKey:
-        loc = self._model.locate(rel)
-        if loc is None or not self._fs.is_dir(loc):
+    def _dev_of_dir(self, rel: Rel, loc: Optional[Rel] = None) -> DeviceKey:
+        """The mount of planned directory ``rel`` (at ``loc`` on disk, if known)."""
+        if loc is None:
+            loc = self._model.locate(rel)
+        if loc is None or not self._model.is_dir(rel):
             raise PlanError(
                 "stage", join(rel), "its directory disappeared while planning"
             )
@@ -492,8 +539,13 @@ class Transaction:
         """
         key = self._keys.get(loc)
         if key is None:
-            d = self._fs.dir(loc)
-            key = (impl.stat_dir(d).st_dev, impl.mount_id(d))
+            for dev, area in self._areas.items():
+                if loc[: len(area)] == area:
+                    key = dev  # made by us in that area: on its mount
+                    break
+            else:
+                d = self._fs.dir(loc)
+                key = (impl.stat_dir(d).st_dev, impl.mount_id(d))
             self._keys[loc] = key
         return key
 
@@ -517,6 +569,8 @@ class Transaction:
         self._journal.append([Area(area)])
         self._areas[dev] = area
         self._area_tops.append(staging)
+        if len(staging) > 1:
+            self._nested_tops.append(staging)
         if not self._fs.exists(staging):
             self._fs.mkdir(staging, 0o755)
         self._fs.mkdir(area, 0o700)
@@ -527,7 +581,7 @@ class Transaction:
         return (*area, f"{kind}{self._counter}")
 
     def _area_of(self, loc: Rel) -> bool:
-        return any(loc[: len(a)] == a for a in self._areas.values())
+        return any(loc[: len(area)] == area for area in self._areas.values())
 
     def _ensure_parents(self, rel: Rel) -> None:
         # From the parent up to the nearest one that exists (usually the
@@ -560,7 +614,7 @@ class Transaction:
             top = top[:-1]
         return top
 
-    def _inline(self, rel: Rel, top: Rel) -> Optional[Rel]:
+    def _inline(self, rel: Rel, top: Rel, loc: Optional[Rel] = None) -> Optional[Rel]:
         """Where new content for ``rel`` can be made at its final place in staging.
 
         When the nearest existing ancestor ``top`` is a directory that this
@@ -569,8 +623,12 @@ class Transaction:
         be made inside that staged directory: it moves into place with the
         directory's own step, so it needs no step, journal record or rename
         of its own. Returns the staged directory for ``top``, or None.
+
+        ``rel`` is planned absent: the caller's planned ``lstat`` of it
+        found nothing.
         """
-        loc = self._model.locate(top)
+        if loc is None:
+            loc = self._model.locate(top)
         if loc is None or not loc or not self._area_of(loc):
             return None  # a real directory: its new entries come by steps
         first = rel[: len(top) + 1]
@@ -579,8 +637,10 @@ class Transaction:
         st = self._model.lstat(top)
         if st is None or not stat.S_ISDIR(st.st_mode) or not _writable(st):
             return None
-        if self._fs.lstat((*loc, first[-1])) is not None:
-            return None  # an item planned away from here is still there until commit
+        if first != rel and self._fs.lstat((*loc, first[-1])) is not None:
+            # An item planned away from here is still there until commit
+            # (for ``rel`` itself, the caller's lookup looked at that place).
+            return None
         return loc
 
     def _make_inline(self, rel: Rel, top: Rel, loc: Rel) -> List[Rel]:
@@ -598,18 +658,20 @@ class Transaction:
         return made
 
     def _where_to_stage(
-        self, rel: Rel, existing: Optional[os.stat_result]
+        self, rel: Rel, existing: Optional[os.stat_result], top: Rel
     ) -> Tuple[DeviceKey, Optional[Rel], List[Rel], Rel]:
         """Where new content for ``rel`` is made: ``(device, inline, made, staged)``.
+
+        ``top`` is the nearest planned directory of ``rel`` (see :meth:`_target`).
 
         Inside a directory this transaction creates, new content is made in
         place in that directory's staged copy (``inline``), after the staged
         parents it needs (``made``, for :meth:`_unmake` on failure); anywhere
         else it goes into the device's staging area.
         """
-        top = self._nearest_dir(rel)
-        dev = self._dev_of_dir(top)
-        inline = None if existing is not None else self._inline(rel, top)
+        loc = self._model.locate(top)
+        dev = self._dev_of_dir(top, loc)
+        inline = None if existing is not None else self._inline(rel, top, loc)
         if inline is None:
             return dev, None, [], self._new_name(self._area(dev, top), "s")
         made = self._make_inline(rel, top, inline)
@@ -630,8 +692,7 @@ class Transaction:
         self._model.set(dst, staged)
 
     def _stage_bytes(self, staged: Rel, chunks: Any, mode: Optional[int]) -> Rel:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = self._fs.open(staged, flags, 0o666)
+        fd = self._fs.open(staged, _CREATE, 0o666)
         try:
             try:
                 for chunk in chunks:
@@ -645,10 +706,19 @@ class Transaction:
             raise
         return staged
 
-    def _copy_into(self, source: _Source, key: Any, staged: Rel, follow: bool) -> None:
-        if follow:
-            key = source.follow(key)  # a link inside the tree: copy what it points at
-        st = source.stat(key) if follow else source.lstat(key)
+    def _copy_into(
+        self,
+        source: _Source,
+        key: Any,
+        staged: Rel,
+        follow: bool,
+        st: Optional[os.stat_result] = None,
+    ) -> None:
+        """Copy ``key`` of ``source`` to ``staged`` (``st``: its stat, if known)."""
+        if st is None:
+            if follow:
+                key = source.follow(key)  # a link in the tree: copy what it points at
+            st = source.stat(key) if follow else source.lstat(key)
         if stat.S_ISLNK(st.st_mode):
             self._fs.symlink(source.readlink(key), staged)
             with contextlib.suppress(NotImplementedError, OSError):
@@ -664,12 +734,11 @@ class Transaction:
         elif stat.S_ISREG(st.st_mode):
             src_fd = source.open(key, follow)
             try:
-                flags = (
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-                )
-                dst_fd = self._fs.open(staged, flags, 0o600)
+                dst_fd = self._fs.open(staged, _CREATE, 0o600)
                 try:
-                    _os.copy_fd(src_fd, dst_fd)
+                    clone = st.st_dev not in self._no_clone
+                    if not _os.copy_fd(src_fd, dst_fd, clone) and clone:
+                        self._no_clone.add(st.st_dev)
                 finally:
                     _os.close(dst_fd)
             finally:
@@ -685,8 +754,15 @@ class Transaction:
 
     def _target(
         self, dst: object, op: str, *, is_dir: bool
-    ) -> Tuple[Rel, Optional[os.stat_result]]:
-        rel = self._resolve(dst, op)
+    ) -> Tuple[Rel, Optional[os.stat_result], Rel]:
+        """``dst`` resolved, what is planned there, and its nearest planned directory.
+
+        The last is the parent when that is planned, else the nearest
+        planned ancestor (where missing parents would be made).
+        """
+        rel, known = self._walk(dst, op, follow_last=False)
+        if known < len(rel) - 1:
+            return rel, None, rel[:known]  # a parent is planned absent: so is dst
         st = self._model.lstat(rel)
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
@@ -697,7 +773,7 @@ class Transaction:
                 raise PlanError(
                     op, dst, "a file is in the way of a directory; delete it first"
                 )
-        return rel, st
+        return rel, st, rel[:-1]
 
     def _kept_mode(self, rel: Rel, st: Optional[os.stat_result]) -> Optional[int]:
         """The mode bits a replaced file keeps (None: the default for a new file)."""
@@ -726,11 +802,12 @@ class Transaction:
             OSError: reading ``src`` or writing the staged copy failed.
         """
         self._check_open("copy", dst)
-        inner = self._relative_source(src)
+        src_text = _fspath(src)
+        inner = self._relative_source(src_text)
         source: _Source
         key: Any
         if inner is None:
-            source, key = _OutsideSource(), _fspath(src)
+            source, key = _OutsideSource(), src_text
             try:
                 st = os.stat(key) if follow_symlinks else os.lstat(key)
             except FileNotFoundError:
@@ -742,7 +819,7 @@ class Transaction:
             if found is None:
                 raise PlanError("copy", src, "the source does not exist") from None
             st = found
-        rel, existing = self._target(dst, "copy", is_dir=stat.S_ISDIR(st.st_mode))
+        rel, existing, top = self._target(dst, "copy", is_dir=stat.S_ISDIR(st.st_mode))
         if (
             isinstance(key, tuple)
             and rel[: len(key)] == key
@@ -750,9 +827,11 @@ class Transaction:
         ):
             raise PlanError("copy", dst, "cannot copy a directory into itself")
         # Parents are planned only once the copy is staged.
-        dev, inline, made, staged = self._where_to_stage(rel, existing)
+        dev, inline, made, staged = self._where_to_stage(rel, existing, top)
         try:
-            self._copy_into(source, key, staged, follow_symlinks)
+            # A source outside the root was just looked at: no second stat.
+            known = st if inner is None else None
+            self._copy_into(source, key, staged, follow_symlinks, known)
         except BaseException:
             self._fs.remove_tree(staged)
             self._unmake(made)
@@ -760,7 +839,7 @@ class Transaction:
         if inline is None:
             self._ensure_parents(rel)
             self._add_place(staged, rel, dev, backup=existing is not None)
-        self._record(Operation("copy", join(rel), source=_fspath(src)))
+        self._record(Operation("copy", join(rel), source=src_text))
 
     def write_bytes(
         self, dst: StrPath, data: bytes, *, mode: Optional[int] = None
@@ -794,9 +873,9 @@ class Transaction:
         self._write_chunks(dst, [text.encode(encoding)], mode)
 
     def _write_chunks(self, dst: StrPath, chunks: Any, mode: Optional[int]) -> None:
-        rel, existing = self._target(dst, "write", is_dir=False)
+        rel, existing, top = self._target(dst, "write", is_dir=False)
         # Parents are planned only once the content is staged.
-        dev, inline, made, staged = self._where_to_stage(rel, existing)
+        dev, inline, made, staged = self._where_to_stage(rel, existing, top)
         try:
             self._stage_bytes(staged, chunks, self._mode_for(rel, existing, mode))
         except BaseException:
@@ -834,12 +913,11 @@ class Transaction:
             raise PlanError(
                 "open", dst, f"mode must be 'wb', 'w' or 'wt', not {mode!r}"
             )
-        rel, existing = self._target(dst, "write", is_dir=False)
+        rel, existing, top = self._target(dst, "write", is_dir=False)
         # Parents are planned only once the block succeeds.
-        dev, inline, made, staged = self._where_to_stage(rel, existing)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        dev, inline, made, staged = self._where_to_stage(rel, existing, top)
         try:
-            fd = self._fs.open(staged, flags, 0o666)
+            fd = self._fs.open(staged, _CREATE, 0o666)
         except BaseException:
             self._unmake(made)
             raise
@@ -917,13 +995,15 @@ class Transaction:
         st = self._model.lstat(src_rel)
         if st is None:
             raise PlanError("rename", src, "the source does not exist")
-        dst_rel, existing = self._target(dst, "rename", is_dir=stat.S_ISDIR(st.st_mode))
+        dst_rel, existing, top = self._target(
+            dst, "rename", is_dir=stat.S_ISDIR(st.st_mode)
+        )
         if dst_rel == src_rel:
             self._record(Operation("rename", join(dst_rel), source=join(src_rel)))
             return
         if dst_rel[: len(src_rel)] == src_rel:
             raise PlanError("rename", dst, "cannot move a directory into itself")
-        top = self._nearest_dir(dst_rel)  # parents are planned once nothing can fail
+        # ``top``: where missing parents start; they are planned once nothing can fail.
         dst_dev = self._dev_of_dir(top)
         src_dev = self._dev_of_dir(src_rel[:-1])
         loc = self._model.locate(src_rel)

@@ -259,31 +259,33 @@ def _copy_range(src: int, dst: int, size: int) -> bool:
     return done >= size
 
 
-def copy_fd(src: int, dst: int) -> None:
+def copy_fd(src: int, dst: int, clone: bool = True) -> bool:
     """Copy all data of ``src`` into the empty file ``dst``.
 
     A copy-on-write clone where the file system offers one (``FICLONE`` on
-    btrfs and xfs), else ``copy_file_range``, else plain reads and writes.
+    btrfs and xfs) unless ``clone`` is false, else ``copy_file_range``, else
+    plain reads and writes. Returns whether the data was cloned.
     """
     if sys.platform == "linux":
         import fcntl  # noqa: PLC0415 - POSIX-only module, imported where used
 
-        try:
-            fcntl.ioctl(dst, _FICLONE, src)
-        except OSError:
-            pass  # no reflinks here (ext4, tmpfs, across devices): copy instead
-        else:
-            return
+        if clone:
+            try:
+                fcntl.ioctl(dst, _FICLONE, src)
+            except OSError:
+                pass  # no reflinks here (ext4, tmpfs, across devices): copy instead
+            else:
+                return True
         size = os.fstat(src).st_size
         if size and _copy_range(src, dst, size):
-            return
+            return False
         os.lseek(src, 0, os.SEEK_SET)
         os.lseek(dst, 0, os.SEEK_SET)
         os.ftruncate(dst, 0)
     while True:
         chunk = os.read(src, 1 << 20)
         if not chunk:
-            return
+            return False
         view = memoryview(chunk)
         while view:
             view = view[os.write(dst, view) :]

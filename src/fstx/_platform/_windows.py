@@ -869,12 +869,13 @@ def syncfs(d: Dir) -> bool:
     return False
 
 
-def copy_fd(src: int, dst: int) -> None:
-    """Copy all data of ``src`` into the empty file ``dst``."""
+def copy_fd(src: int, dst: int, clone: bool = True) -> bool:
+    """Copy all data of ``src`` into the empty file ``dst``; never a clone here."""
+    del clone
     while True:
         chunk = os.read(src, 1 << 20)
         if not chunk:
-            return
+            return False
         view = memoryview(chunk)
         while view:
             view = view[os.write(dst, view) :]
