@@ -18,6 +18,7 @@ import pytest
 
 import fstx
 import mounts
+from fstx._platform import impl
 from treeutil import (
     Entry,
     FailAt,
@@ -243,18 +244,18 @@ def test_copy_asks_for_a_clone_once_per_source_device(
     src.mkdir()
     for i in range(4):
         (src / f"f{i}").write_bytes(b"x" * (i + 1) * 1000)
-    probe = fstx._os.impl.open_root(str(root))
+    probe = impl.open_root(str(root))
     try:
         a = os.open(src / "f0", os.O_RDONLY)
-        b = fstx._os.impl.open_file(probe, "probe", os.O_WRONLY | os.O_CREAT)
+        b = impl.open_file(probe, "probe", os.O_WRONLY | os.O_CREAT)
         try:
-            can_clone = fstx._os.impl.copy_fd(a, b)
+            can_clone = impl.copy_fd(a, b)
         finally:
             os.close(a)
             os.close(b)
         os.unlink(root / "probe")
     finally:
-        fstx._os.impl.close_dir(probe)
+        impl.close_dir(probe)
     asked: List[bool] = []
 
     def hook(name: str, phase: str, args: Tuple[Any, ...]) -> None:
