@@ -225,6 +225,79 @@ def test_copy_tree_with_follow_symlinks_copies_targets(
     )
 
 
+def test_exists_answers_for_the_planned_tree(
+    root: pathlib.Path, outside: pathlib.Path
+) -> None:
+    (root / "keep").write_bytes(b"k")
+    (root / "gone").mkdir()
+    (root / "gone" / "f").write_bytes(b"f")
+    (root / "moved").write_bytes(b"m")
+    (root / "dangling").symlink_to("nowhere")
+    (root / "link").symlink_to("gone")
+    tx = tx_on(root)
+    assert tx.exists("keep")
+    assert tx.exists(root / "keep")  # absolute inside the root
+    assert tx.exists(".")
+    assert tx.exists(root)
+    assert tx.exists("dangling")  # a symlink is itself
+    assert tx.exists("link/f")  # a symlink in the parents is resolved
+    assert not tx.exists("missing")
+    assert not tx.exists("missing/below")
+    tx.write_bytes("new/dir/file", b"x")
+    tx.delete("gone")
+    tx.rename("moved", "there/moved")
+    tx.copy(outside, "tree")
+    assert tx.exists("new")
+    assert tx.exists("new/dir/file")
+    assert not tx.exists("gone")
+    assert not tx.exists("gone/f")
+    assert not tx.exists("link/f")
+    assert not tx.exists("moved")
+    assert tx.exists("there/moved")
+    assert tx.exists("tree/f")
+    assert not tx.exists("tree/g")
+    tx.rollback()
+    assert not (root / "new").exists()
+
+
+def test_exists_refuses_paths_it_cannot_answer_for(
+    root: pathlib.Path, outside: pathlib.Path
+) -> None:
+    tx = tx_on(root)
+    with pytest.raises(fstx.PlanError, match="outside the root"):
+        tx.exists(outside / "f")
+    with pytest.raises(fstx.PlanError, match="outside the root"):
+        tx.exists("../outside/f")
+    with pytest.raises(fstx.PlanError, match="staging"):
+        tx.exists(".fstx/x")
+    tx.rollback()
+    with pytest.raises(fstx.PlanError, match="already committed or rolled back"):
+        tx.exists("x")
+
+
+def test_a_write_after_exists_sees_what_was_planned_between(
+    root: pathlib.Path,
+) -> None:
+    # exists() lets the next write skip its own lookup: only while nothing
+    # else was planned in between.
+    tx = tx_on(root)
+    assert not tx.exists("a/f")
+    tx.mkdir("a/f")
+    with pytest.raises(fstx.PlanError, match="directory is in the way"):
+        tx.write_bytes("a/f", b"x")
+    assert not tx.exists("b")
+    tx.write_bytes("c", b"c")  # another path: looked up as usual
+    tx.write_bytes("b", b"b")
+    assert not tx.exists("d/e")
+    with tx.open("d/e") as f:
+        f.write(b"e")
+    tx.commit()
+    check(
+        root,
+        {"a": D(), "a/f": D(), "b": F(b"b"), "c": F(b"c"), "d": D(), "d/e": F(b"e")},
+    )
+
+
 def test_copy_reads_the_source_when_called(
     root: pathlib.Path, outside: pathlib.Path
 ) -> None:

@@ -95,6 +95,14 @@ class PlannedTree:
             self._remember(path, st)
         return st
 
+    def known_dir(self, path: Rel) -> bool:
+        """Whether ``path`` was looked up lately and is a planned directory.
+
+        No lookup is made. Such a path was reached one directory at a time,
+        never through a symlink: none of its parents is one either.
+        """
+        return path in self._memo
+
     def _remember(self, path: Rel, st: os.stat_result) -> None:
         self._memo[path] = st
         self._prefixes.update(path[:i] for i in range(1, len(path) + 1))

@@ -15,10 +15,21 @@ import os
 import random
 import stat
 import time
-from typing import Any, Callable, Dict, NoReturn, Optional, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    NoReturn,
+    Optional,
+    TypeVar,
+    overload,
+)
 
 import attrs
-import tenacity
+
+if TYPE_CHECKING:
+    import tenacity
 
 __all__ = ["Retrier", "RetryPolicy", "is_transient"]
 
@@ -263,6 +274,9 @@ class Retrier:
         limit: float,
         already_done: Optional[Callable[[], bool]],
     ) -> Any:
+        # Imported on the first retry: most runs never wait, and never pay for it.
+        import tenacity  # noqa: PLC0415
+
         policy = self.policy
         start = policy.clock()
         replayed = False

@@ -294,6 +294,9 @@ class Transaction:
             b = os.path.normcase(base.rstrip(os.sep) or os.sep)
             self._bases.append((b, b if b.endswith(os.sep) else b + os.sep))
         self._names_ok: Set[str] = set()  # names already checked by _checked
+        # What exists() last found absent (the path as given, resolved, and
+        # its count of planned directories), until the next operation is planned.
+        self._absent: Optional[Tuple[str, Rel, int]] = None
         staging = os.path.join(self.root, STAGING)
         self._new_staging = False
         try:
@@ -376,6 +379,31 @@ class Transaction:
         """Whether the transaction was committed or rolled back."""
         return self._spent
 
+    def exists(self, path: StrPath) -> bool:
+        """Whether something is at ``path`` once the planned operations apply.
+
+        The planned state, as every operation sees it: a file written,
+        copied or renamed there exists, one deleted does not, and an
+        untouched path is looked up on disk. Like :func:`os.path.lexists`, a
+        symlink is itself (a dangling one exists); symlinks in the parents are
+        resolved as operations resolve them.
+
+        Raises:
+            PlanError: ``path`` is outside the root or inside the staging
+                directory, or the transaction is spent.
+        """
+        self._check_open("look up", path)
+        rel, known = self._walk(path, "look up", follow_last=False, check=False)
+        if not rel:
+            return True  # the root itself
+        self._checked(rel, path, "look up")
+        if known == len(rel) - 1 and self._model.lstat(rel) is not None:
+            return True
+        # Asked before writing, as installers do: the write that follows
+        # need not walk and look again (see _target).
+        self._absent = (_fspath(path), rel, known)
+        return False
+
     # -- paths -----------------------------------------------------------------
 
     def _inside(self, text: str) -> Optional[str]:
@@ -392,7 +420,9 @@ class Transaction:
         """The planned location of a caller's path (symlinks in parents resolved)."""
         return self._walk(path, op, follow_last=follow_last)[0]
 
-    def _walk(self, path: object, op: str, *, follow_last: bool) -> Tuple[Rel, int]:
+    def _walk(
+        self, path: object, op: str, *, follow_last: bool, check: bool = True
+    ) -> Tuple[Rel, int]:
         """:meth:`_resolve`, and how many leading names are planned directories.
 
         When that count is short of the parent, the next name is planned
@@ -420,11 +450,19 @@ class Transaction:
             else:
                 missing = parent if st is None else None
             if st is not None and stat.S_ISDIR(st.st_mode):
-                return self._checked(tuple(parts), path, op), len(parts) - 1
-        todo: Deque[str] = deque(parts)
+                rel = tuple(parts)
+                return self._checked(rel, path, op) if check else rel, len(rel) - 1
         out: List[str] = []
-        links = 0
         known = 0  # leading names of ``out`` seen to be planned directories
+        if missing is not None:
+            # A new directory: its nearest ancestor that is a known planned
+            # directory (so none above it is a symlink) is where to start.
+            top = len(parts) - 2
+            while top > 0 and not self._model.known_dir(tuple(parts[:top])):
+                top -= 1
+            out, known = parts[:top], top
+        todo: Deque[str] = deque(parts[len(out) :])
+        links = 0
         absent = -1  # where in ``out`` the first name planned absent is
         while todo:
             name = todo.popleft()
@@ -476,7 +514,9 @@ class Transaction:
             out.append(name)
             if known == len(out) - 1 and stat.S_ISDIR(st.st_mode):
                 known = len(out)
-        return self._checked(tuple(out), path, op), min(known, len(out) - 1)
+        rel = tuple(out)
+        known = min(known, len(rel) - 1)
+        return self._checked(rel, path, op) if check else rel, known
 
     def _checked(self, rel: Rel, path: object, op: str) -> Rel:
         if not rel:
@@ -760,6 +800,10 @@ class Transaction:
         The last is the parent when that is planned, else the nearest
         planned ancestor (where missing parents would be made).
         """
+        absent, self._absent = self._absent, None
+        if absent is not None and absent[0] == _fspath(dst):
+            _, rel, known = absent  # exists() just found it absent
+            return rel, None, rel[:known]
         rel, known = self._walk(dst, op, follow_last=False)
         if known < len(rel) - 1:
             return rel, None, rel[:known]  # a parent is planned absent: so is dst
@@ -785,6 +829,7 @@ class Transaction:
 
     def _record(self, op: Operation) -> None:
         self._operations.append(op)
+        self._absent = None
 
     # -- operations ------------------------------------------------------------
 

@@ -9,7 +9,6 @@ CVE-2022-21658 was the race this avoids).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -38,9 +37,11 @@ _RENAME_EXCHANGE = 2
 
 
 def _load_libc() -> Optional[ctypes.CDLL]:
-    name = ctypes.util.find_library("c")
+    # The symbols the interpreter already has loaded (libc among them):
+    # ctypes.util.find_library would cost milliseconds at import (it may run
+    # ldconfig), and no other C library is wanted.
     try:
-        return ctypes.CDLL(name, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:  # a static or unusual libc: the callers have fallbacks
         return None
 

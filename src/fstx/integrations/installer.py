@@ -14,9 +14,10 @@ together into a small transactional wheel installer for a prefix::
         with WheelFile.open(wheel) as source:
             installer.install(source, dest, {"INSTALLER": b"my-tool"})
 
-Which paths exist once the plan applies is read from the transaction's public
-:attr:`~fstx.Transaction.operations` over the real tree (:class:`_PlannedView`),
-not from the engine's private model.
+Whether a file is already there (as planned) is asked of
+:meth:`fstx.Transaction.exists`. An uninstall also needs the planned content of
+a directory, which the transaction does not offer: :class:`_PlannedView`
+replays its public :attr:`~fstx.Transaction.operations` over the real tree.
 """
 
 from __future__ import annotations
@@ -362,16 +363,13 @@ class TransactionalDestination(WheelDestination):
         check: bool = True,
     ) -> RecordEntry:
         target = self._locate(scheme, path)
-        if check and not self.overwrite_existing:
-            self._view.sync()
-            rel = self._view.rel(target)
-            if rel is not None and self._view.exists(rel):
-                raise PlanError(
-                    "install",
-                    target,
-                    "something is already there (another distribution may own "
-                    "it): uninstall that first, or pass overwrite_existing=True",
-                )
+        if check and not self.overwrite_existing and self.tx.exists(target):
+            raise PlanError(
+                "install",
+                target,
+                "something is already there (another distribution may own "
+                "it): uninstall that first, or pass overwrite_existing=True",
+            )
         keep = (
             bool(self.bytecode_optimization_levels)
             and scheme in _LIB_SCHEMES
