@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from fstx import _os
+from fstx import _commit, _os
 
 
 @pytest.fixture
@@ -27,3 +27,4 @@ def _no_leftover_hook() -> Iterator[None]:
     """A test that forgets to remove its OS-layer hook must not poison the next."""
     yield
     _os.set_hook(None)
+    _commit._EXCHANGE = _commit.EXCHANGE_DEFAULT  # a workload may have switched it

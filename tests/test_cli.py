@@ -495,7 +495,7 @@ def test_root_that_is_a_file_exits_1(run: Run, tmp_path: pathlib.Path) -> None:
 
 
 class FailFirstRename:
-    """Raise EIO at the first rename, once: the commit fails, its rollback works.
+    """Raise EIO at the first rename (or exchange), once: the rollback works.
 
     Planning never renames (it stages by copying); the first rename is the
     commit's first step, after the journal says "committing".
@@ -505,7 +505,7 @@ class FailFirstRename:
         self.failed = False
 
     def __call__(self, name: str, phase: str, args: Tuple[Any, ...]) -> None:
-        if phase == "before" and name == "rename" and not self.failed:
+        if phase == "before" and name in ("rename", "exchange") and not self.failed:
             self.failed = True
             raise OSError(errno.EIO, "Input/output error (injected)")
 
@@ -732,7 +732,7 @@ CRASH_CHILD = textwrap.dedent(
 
     def crash(name, phase, args):
         global renames
-        if phase == "before" and name == "rename":
+        if phase == "before" and name in ("rename", "exchange"):
             renames += 1
             if renames == 2:  # the first step is done, the second is not
                 os._exit(9)
@@ -795,13 +795,14 @@ def test_recover_after_a_crash_as_json(run: Run, root: pathlib.Path) -> None:
 
 
 def _backups_busy(name: str, phase: str, args: Tuple[Any, ...]) -> None:
-    # The old file's backup cannot be removed after the commit point, as if
+    # The old file cannot be removed from staging after the commit point (its
+    # backup link "b…", or the staged name "s…" it was swapped to), as if
     # another process held it open (EBUSY), so it goes to the trash.
     if (
         phase == "before"
         and name == "unlink"
         and "tx-" in str(args[0])
-        and args[1].startswith("b")
+        and args[1].startswith(("b", "s"))
     ):
         raise OSError(errno.EBUSY, "Device or resource busy (injected)")
 

@@ -22,7 +22,7 @@ import attrs
 import pytest
 
 import fstx
-from fstx import _os
+from fstx import _commit, _os
 from treeutil import assert_clean, installed, snapshot, staging_leftovers
 from workloads import (
     BY_NAME,
@@ -288,7 +288,7 @@ def test_sweep_reaches_every_phase(tmp_path: Any) -> None:
         "copy_fd",
         "mkdir",
         "rename_noreplace",
-        "link",
+        "exchange" if _commit.EXCHANGE_DEFAULT else "link",
         "rename",
         "syncfs",
     } <= before_commit
@@ -335,7 +335,7 @@ class Transient:
             )
 
 
-RETRIED = frozenset({"rename", "rename_noreplace", "chmod"})
+RETRIED = frozenset({"rename", "rename_noreplace", "exchange", "chmod"})
 
 
 def applied_calls(trace: Trace) -> List[Tuple[str, ...]]:

@@ -23,10 +23,24 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 import fstx
+from fstx import _commit
 from treeutil import assert_clean, installed, make_tree, snapshot, staging_leftovers
 from winfs import WinFS, hold
 
 pytest_plugins = ["conftest_winfs"]
+
+
+@pytest.fixture(autouse=True)
+def _windows_protocol() -> None:
+    """Replace files the way fstx does on Windows, which has no atomic exchange.
+
+    winfs models Windows' sharing rules; on Linux the commit would otherwise
+    swap a replaced file out with ``RENAME_EXCHANGE`` (its own tests below
+    and in test_transaction). conftest puts the switch back after each test.
+    """
+    _commit._EXCHANGE = False
+
+
 pytestmark = pytest.mark.fuse
 
 POLICY = fstx.RetryPolicy(deadline=1.0, defer_after=0.3)
@@ -315,6 +329,47 @@ def test_running_executables_are_replaced_and_deleted_then_purged(
     assert fstx.status(root).deferred == ()
     assert_clean(root)
     assert contents(root) == expected(after)
+
+
+def test_with_exchange_a_running_image_is_swapped_out_in_one_call(
+    root: Path,
+) -> None:
+    # The Linux protocol on Windows' rules: the staged file and the running
+    # image trade names (an image may be renamed), so no retry is needed; the
+    # old image waits in the trash until its program exits.
+    _commit._EXCHANGE = _commit.EXCHANGE_DEFAULT
+    make_tree(root, VENV)
+    tool = root / "bin/tool.exe"
+    old_ino = tool.stat().st_ino
+    with hold(tool) as holder:
+        tx = fstx.transaction(root, retry=POLICY)
+        tx.write_bytes("bin/tool.exe", b"tool 2.0")
+        report = tx.commit()
+        assert tool.read_bytes() == b"tool 2.0"
+        assert report.retries == 0
+        assert report.deferred == (str(tool),)
+        in_trash = trash_files(root)
+        assert [p.stat().st_ino for p in in_trash] == [old_ino]
+        assert holder.alive
+    assert fstx.recover(root).purged == 1
+    assert_clean(root)
+
+
+def test_with_exchange_a_held_file_is_refused_then_rolled_back(root: Path) -> None:
+    # An ordinary file held open cannot be swapped, nor replaced, nor moved
+    # away: the commit gives up after its budget and leaves the tree as it was.
+    _commit._EXCHANGE = _commit.EXCHANGE_DEFAULT
+    make_tree(root, VENV)
+    before = contents(root)
+    with hold(root / "bin/activate"):
+        tx = fstx.transaction(root, retry=POLICY)
+        tx.write_bytes("bin/activate", b"# activate 2")
+        tx.write_bytes("bin/new", b"new")
+        with pytest.raises(fstx.CommitError) as info:
+            tx.commit()
+    assert isinstance(info.value.__cause__, fstx.InUseError)
+    assert contents(root) == before
+    assert_clean(root)
 
 
 def test_in_use_warning_once_per_path_and_one_trash_entry(

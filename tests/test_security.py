@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 
 import fstx
+from fstx import _commit
 from stracetools import split_args, string_arg
 from treeutil import Snapshot, assert_clean, installed, make_tree, snapshot
 
@@ -558,18 +559,24 @@ def test_swapped_parent_restored_lets_the_same_plan_commit(
 
 # --- a swap during the commit ----------------------------------------------------
 
-MID_COMMIT_CALLS = ("rename", "rename_noreplace", "link", "chmod")
+MID_COMMIT_CALLS = ("rename", "rename_noreplace", "exchange", "link", "chmod")
 
 
-@pytest.mark.parametrize("k", range(1, 6))
+@pytest.mark.parametrize(
+    ("exchange", "k"),
+    # Four calls when the replaced file is swapped out, five with a backup link.
+    [pytest.param(True, k, id=f"exchange-{k}") for k in range(1, 5)]
+    + [pytest.param(False, k, id=f"link-backup-{k}") for k in range(1, 6)],
+)
 def test_parent_swapped_during_commit_never_leads_out(
-    root: Path, outside: Path, k: int
+    root: Path, outside: Path, exchange: bool, k: int
 ) -> None:
     """A directory moved (inside the root) mid-commit: the open handles follow it.
 
     Whatever the moment, the sentinel is untouched and the outcome is whole:
     either every change is in the moved directory, or none is.
     """
+    _commit._EXCHANGE = exchange and _commit.EXCHANGE_DEFAULT
     build_nested(root)
     outside_before = snapshot(outside)
     tx = fstx.transaction(root, durability="none")
@@ -741,6 +748,9 @@ CRASHER = textwrap.dedent(
 
     root, plan, after = sys.argv[1], sys.argv[2], int(sys.argv[3])
     tx = fstx.transaction(root, durability="none")
+    if plan == "replace-link":
+        from fstx import _commit
+        _commit._EXCHANGE = False  # the hard-link backup, as without an exchange
     if plan == "new":
         tx.write_bytes("a/b/new", b"new")
     else:
@@ -749,7 +759,7 @@ CRASHER = textwrap.dedent(
 
     def hook(name, phase, args):
         global seen
-        if phase == "after" and name in ("rename", "rename_noreplace"):
+        if phase == "after" and name in ("rename", "rename_noreplace", "exchange"):
             seen += 1
             if seen == after:
                 os._exit(137)  # a crash right after the step went in place
@@ -773,6 +783,7 @@ def crash_after_first_step(root: Path, plan: str) -> None:
     "plan",
     [
         pytest.param("replace", id="replaced-file"),
+        pytest.param("replace-link", id="replaced-file-link-backup"),
         pytest.param("new", id="new-file"),
     ],
 )

@@ -1573,7 +1573,7 @@ def _failing(
 
 def _renamed_to(target: str) -> Callable[[str, Tuple[Any, ...]], bool]:
     return lambda name, args: (
-        name in ("rename", "rename_noreplace", "link") and args[3] == target
+        name in ("rename", "rename_noreplace", "exchange", "link") and args[3] == target
     )
 
 

@@ -62,6 +62,11 @@ ORIGIN_SUFFIX = ".origin"
 # cannot rename over a file that another process holds, so it moves the old
 # file away first.
 _LINK_BACKUPS: bool = impl.LINK_BACKUPS
+EXCHANGE_DEFAULT: bool = impl.EXCHANGE_REPLACES
+# Whether a replaced file may be swapped out in one call (a switch for tests).
+_EXCHANGE: bool = EXCHANGE_DEFAULT
+# renameat2 flags or the file system's support missing: the other ways then.
+_NO_EXCHANGE = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
 def away_name(backup: Rel) -> Rel:
@@ -355,7 +360,10 @@ def _apply_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
             already_done=done,
         )  # fmt: skip
         return
-    if _LINK_BACKUPS:
+    swap = _exchange(fs, step, retrier) if _EXCHANGE and step.staged else None
+    if swap is True:
+        return
+    if _LINK_BACKUPS and swap is None:
         try:
             fs.link(dst, backup)
         except OSError as exc:
@@ -376,6 +384,35 @@ def _apply_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
         _rename_noreplace, fs, src, dst, operation="move into place", path=dst,
         already_done=done,
     )  # fmt: skip
+
+
+def _exchange(fs: RootFS, step: Place, retrier: Retrier) -> Optional[bool]:
+    """Swap new staged content in for the old file: one call, no backup name.
+
+    The staged name then holds the old file, which undo swaps back and the
+    clean-up deletes with the staging area. Readers find the name at every
+    moment. Returns True once swapped; None where the swap is not to be had
+    (not Linux, a file system without ``RENAME_EXCHANGE``): the hard-link
+    backup takes over; False when it stayed refused for ``defer_after`` (the
+    old file in use): a rename over it would be refused too, so the old file
+    is moved away instead.
+    """
+    src, dst = step.src, step.dst
+    try:
+        retrier.call(
+            fs.exchange, src, dst, operation="replace", path=dst,
+            budget=retrier.policy.defer_after,
+            already_done=lambda: _ino(fs, dst) == step.ino,
+        )  # fmt: skip
+    except OSError as exc:
+        if _ino(fs, dst) == step.ino:
+            return True  # the last attempt reported an error, yet took effect
+        if exc.errno in _NO_EXCHANGE:
+            return None
+        if is_transient(exc):
+            return False
+        raise
+    return True
 
 
 def _apply_remove(fs: RootFS, step: Remove, retrier: Retrier) -> None:
@@ -464,8 +501,8 @@ def _undo_step(fs: RootFS, step: Step, retrier: Retrier) -> None:
 def _left_in_staging(fs: RootFS, step: Step) -> bool:
     """Whether a step left anything in staging that undo would have to put back."""
     if isinstance(step, Place):
-        if step.staged and _ino(fs, step.src) is None:
-            return True
+        if step.staged and _ino(fs, step.src) != step.ino:
+            return True  # moved in, or holding the old file it was swapped with
         backup = step.backup
         return backup is not None and (
             fs.exists(backup) or fs.exists(away_name(backup))
@@ -477,7 +514,21 @@ def _left_in_staging(fs: RootFS, step: Step) -> bool:
 
 def _undo_place(fs: RootFS, step: Place, retrier: Retrier) -> None:
     src, dst, backup = step.src, step.dst, step.backup
-    moved_in = _ino(fs, src) is None and _ino(fs, dst) == step.ino
+    src_ino = _ino(fs, src)
+    if (
+        step.staged
+        and backup is not None
+        and src_ino not in (None, step.ino)
+        and _ino(fs, dst) in (step.ino, None)
+    ):
+        # Swapped in (see _exchange): the staged name holds the old file. (The
+        # name may be missing: a crash cut this very undo's rename in half.)
+        retrier.call(
+            fs.rename, src, dst, operation="undo", path=dst,
+            already_done=_moved(fs, src, dst, src_ino),
+        )  # fmt: skip
+        return
+    moved_in = src_ino is None and _ino(fs, dst) == step.ino
     restore: Optional[Rel] = None
     if backup is not None:
         if fs.exists(backup):
@@ -735,12 +786,19 @@ def read_origin(fs: RootFS, rel: Rel) -> Tuple[Optional[Rel], Optional[Rel]]:
 
 
 def backups_of(steps: Iterable[Step]) -> List[Tuple[Rel, Rel]]:
-    """``(backup, original path)`` of every step that keeps a backup."""
+    """``(backup, original path)`` of every step that keeps a backup.
+
+    Of a replaced file, every name its old version may have in staging: the
+    hard-link backup, the name it was moved away to, and the staged name it
+    was swapped with.
+    """
     found: List[Tuple[Rel, Rel]] = []
     for step in steps:
         if isinstance(step, Place) and step.backup is not None:
             found.append((step.backup, step.dst))
             found.append((away_name(step.backup), step.dst))
+            if step.staged:
+                found.append((step.src, step.dst))  # the old file, if swapped out
         elif isinstance(step, Remove):
             found.append((step.backup, step.path))
     return found

@@ -207,6 +207,13 @@ class RootFS:
         self.forget(dst)
         _os.rename_noreplace(sd, sn, dd, dn)
 
+    def exchange(self, a: Rel, b: Rel) -> None:
+        """Swap the items at ``a`` and ``b`` atomically (``ENOSYS`` if impossible)."""
+        sd, sn, dd, dn = self._at2(a, b)
+        self.forget(a)
+        self.forget(b)
+        _os.exchange(sd, sn, dd, dn)
+
     def link(self, src: Rel, dst: Rel) -> None:
         """Hard-link ``dst`` to ``src``."""
         sd, sn, dd, dn = self._at2(src, dst)

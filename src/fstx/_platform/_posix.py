@@ -25,8 +25,12 @@ assert sys.platform != "win32"
 _log = logging.getLogger("fstx")
 
 LINK_BACKUPS = True
-"""A replaced file is hard-linked into staging, then renamed over: readers never
-find the name missing."""
+"""Where it cannot be swapped out (below), a replaced file is hard-linked into
+staging, then renamed over: readers never find the name missing."""
+
+EXCHANGE_REPLACES = sys.platform == "linux"
+"""A replaced file is swapped with its staged successor in one call
+(``renameat2(RENAME_EXCHANGE)``); the old file is left in staging."""
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC

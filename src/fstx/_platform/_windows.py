@@ -43,6 +43,9 @@ LINK_BACKUPS = False
 """Windows cannot rename over a file another process holds, so the engine moves
 the old file into staging first instead of hard-linking a backup beside it."""
 
+EXCHANGE_REPLACES = False
+"""No atomic swap of two names: a replaced file is moved away, then the new one in."""
+
 MOVEFILE_REPLACE_EXISTING = 0x1
 MOVEFILE_DELAY_UNTIL_REBOOT = 0x4
 MOVEFILE_WRITE_THROUGH = 0x8
