@@ -519,6 +519,40 @@ def test_permission_denied_as_an_unprivileged_user(
         _force_rmtree(base)
 
 
+def test_a_tree_with_read_only_directories_copied_as_an_unprivileged_user(
+    nobody: Nobody,
+) -> None:
+    # A big tree is copied by threads; a read-only directory gets its mode
+    # only once its files are in. As root that order would go unnoticed.
+    base = tempfile.mkdtemp(prefix="fstx-nobody-")
+    try:
+        os.chmod(base, 0o755)
+        root, src = os.path.join(base, "root"), os.path.join(base, "src")
+        spec: Dict[str, Any] = {}
+        for d in range(12):
+            for f in range(4):
+                spec[f"pkg/d{d}/f{f}.py"] = File(f"{d} {f}\n".encode(), 0o644)
+        build(src, spec)
+        build(root, {"keep.txt": b"k\n"})
+        for d in range(0, 12, 3):
+            os.chmod(os.path.join(src, "pkg", f"d{d}"), 0o555)
+        for top, dirs, files in os.walk(base):
+            for entry in (top, *(os.path.join(top, n) for n in dirs + files)):
+                os.chown(entry, NOBODY, NOBODY, follow_symlinks=False)
+        ops = [["copy", "pkg", "lib/pkg"]]
+        got = nobody.run(_NOBODY_TX, root, src, json.dumps(ops))
+        assert got == {"outcome": "committed"}
+        for d in range(12):
+            copied = os.path.join(root, "lib", "pkg", f"d{d}")
+            assert stat.S_IMODE(os.stat(copied).st_mode) == (
+                0o555 if d % 3 == 0 else 0o755
+            )
+            assert sorted(os.listdir(copied)) == [f"f{f}.py" for f in range(4)]
+        assert_clean(root)
+    finally:
+        _force_rmtree(base)
+
+
 def _op(op: List[str]) -> Any:
     kind, *args = op
     if kind == "write":

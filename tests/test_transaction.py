@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import unicodedata
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import attrs
 import pytest
@@ -197,6 +197,115 @@ def test_copy_tree_from_outside_is_exact(
         tx.copy(src, "site-packages/pkg")
     assert describe(root / "site-packages/pkg") == describe(src)
     assert snapshot(root, inodes=False)["site-packages"] == D()
+    assert_clean(root)
+
+
+def build_wide_tree(base: pathlib.Path, dirs: int, per_dir: int) -> pathlib.Path:
+    """A tree big enough to be copied by threads: odd modes, set mtimes, links."""
+    src = base / "wide"
+    for d in range(dirs):
+        sub = src / f"d{d % 7}" / f"s{d}"
+        sub.mkdir(parents=True)
+        for f in range(per_dir):
+            path = sub / f"f{f}.py"
+            path.write_bytes(f"{d}/{f}\n".encode() * (d + f + 1))
+            os.chmod(path, 0o755 if f % 3 == 0 else 0o640)
+            os.utime(path, ns=(ATIME, MTIME + d * 100 + f))
+        os.symlink(f"f{per_dir - 1}.py", sub / "link")
+        if d % 5 == 0:
+            os.chmod(sub, 0o555)  # its files must go in before its mode does
+        os.utime(sub, ns=(ATIME, MTIME - d), follow_symlinks=False)
+    return src
+
+
+@pytest.mark.parametrize(
+    ("dirs", "per_dir"),
+    [
+        pytest.param(3, 10, id="one-batch"),
+        pytest.param(150, 2, id="more-directories-than-a-batch-holds"),
+    ],
+)
+def test_copy_of_a_big_tree_uses_threads_and_is_exact(
+    root: pathlib.Path,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dirs: int,
+    per_dir: int,
+) -> None:
+    src = build_wide_tree(tmp_path, dirs, per_dir)
+    threads: Set[str] = set()
+    copy_file = fstx._transaction._copy_file
+
+    def spy(job: Any, no_clone: Set[int]) -> None:
+        threads.add(threading.current_thread().name)
+        copy_file(job, no_clone)
+
+    monkeypatch.setattr(fstx._transaction, "_copy_file", spy)
+    with tx_on(root) as tx:
+        tx.copy(src, "pkg")
+    assert describe(root / "pkg") == describe(src)
+    assert_clean(root)
+    if fstx._transaction._POOL_THREADS > 1:
+        assert threads
+        assert all(t.startswith("fstx-copy") for t in threads)
+
+
+def test_a_failed_copy_in_a_thread_fails_the_call_and_leaves_the_plan(
+    root: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = build_wide_tree(tmp_path, 4, 10)
+    make_tree(root, {"kept": b"k"})
+    before = snapshot(root)
+    copy_file = fstx._transaction._copy_file
+
+    def disk_full_at_one(job: Any, no_clone: Set[int]) -> None:
+        if job.name == "f5.py" and job.parent.path.endswith("s2"):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        copy_file(job, no_clone)
+
+    monkeypatch.setattr(fstx._transaction, "_copy_file", disk_full_at_one)
+    tx = tx_on(root)
+    tx.write_bytes("first", b"1")
+    with pytest.raises(OSError) as info:
+        tx.copy(src, "pkg")
+    assert info.value.errno == errno.ENOSPC
+    assert not isinstance(info.value, fstx.FstxError)
+    assert [op.path for op in tx.operations] == ["first"]
+    assert not tx.exists("pkg")
+    staged = [
+        name for area in (root / ".fstx").glob("tx-*") for name in os.listdir(area)
+    ]
+    assert len(staged) == 1  # "first" only: the half-copied tree is gone
+    monkeypatch.setattr(fstx._transaction, "_copy_file", copy_file)
+    tx.copy(src, "pkg")
+    tx.commit()
+    assert describe(root / "pkg") == describe(src)
+    assert snapshot(root)["kept"] == before["kept"]
+    assert_clean(root)
+
+
+COPY_WITH_FEW_DESCRIPTORS = """
+import os, resource, sys
+import fstx
+resource.setrlimit(resource.RLIMIT_NOFILE, (150, 150))
+with fstx.transaction(sys.argv[1], durability="none") as tx:
+    tx.copy(sys.argv[2], "pkg")
+"""
+
+
+def test_a_tree_copy_needs_few_descriptors(
+    root: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # 150 directories, a limit of 150 open files (macOS starts at 256): the
+    # root keeps up to 64 directory handles, a batch of the copy 32 more, and
+    # the threads a few files each. A handle per directory would not fit.
+    src = build_wide_tree(tmp_path, 150, 2)
+    run = subprocess.run(
+        [sys.executable, "-c", COPY_WITH_FEW_DESCRIPTORS, str(root), str(src)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert describe(root / "pkg") == describe(src)
     assert_clean(root)
 
 

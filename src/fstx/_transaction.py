@@ -26,6 +26,7 @@ from typing import (
     Dict,
     Iterator,
     List,
+    NamedTuple,
     Optional,
     Set,
     Tuple,
@@ -41,7 +42,7 @@ from fstx._errors import CommitError, PlanError, RollbackError
 from fstx._journal import Area, Chmod, Header, Place, Remove, State, Step
 from fstx._lock import RootLock
 from fstx._model import PlannedTree
-from fstx._platform import impl
+from fstx._platform import Dir, impl
 from fstx._retry import Retrier, RetryPolicy
 from fstx._tree import Rel, RootFS, join
 
@@ -212,6 +213,122 @@ class _PlannedSource(_Source):
 
     def follow(self, key: Any) -> Any:
         return self.tx._resolve(join(key), "copy", follow_last=True)
+
+
+_PARALLEL_COPIES = os.name == "posix"  # directory descriptors to hand to threads
+_POOL_THREADS = min(4, os.cpu_count() or 1)
+"""Threads that copy the files of one tree at a time (file I/O releases the GIL)."""
+_POOL_MIN_FILES = 16  # fewer files are copied in the calling thread
+_BATCH_DIRS = 32  # directory handles a batch holds at most (descriptors are finite)
+
+
+class _CopyJob(NamedTuple):
+    """One regular file of a tree copied from outside the root."""
+
+    src: str
+    parent: Dir  # the staged directory, a handle of the batch's own
+    name: str
+    st: os.stat_result
+    follow: bool
+
+
+def _copy_file(job: _CopyJob, no_clone: Set[int]) -> None:
+    """Copy one file into staging, with its mode and times (any thread)."""
+    src_fd = os.open(job.src, _READ if job.follow else _READ_NOFOLLOW)
+    try:
+        dst_fd = _os.open_file(job.parent, job.name, _CREATE, 0o600)
+        try:
+            clone = job.st.st_dev not in no_clone
+            if not _os.copy_fd(src_fd, dst_fd, clone) and clone:
+                no_clone.add(job.st.st_dev)
+        finally:
+            _os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    _os.chmod(job.parent, job.name, stat.S_IMODE(job.st.st_mode))
+    _os.utime(job.parent, job.name, (job.st.st_atime_ns, job.st.st_mtime_ns))
+
+
+class _TreeCopy:
+    """The files of a tree copy, copied by a few threads while the walk goes on.
+
+    The walk (the calling thread) makes the directories and symlinks and
+    queues every regular file with a handle on its staged directory of the
+    batch's own (a duplicate, so the root's handle cache stays with one
+    thread). Directory modes and times are set last, once every file below
+    is in. While an OS-layer hook is installed (tests that fail or crash at
+    call k), the files are copied in the calling thread, in walk order.
+    """
+
+    def __init__(self, no_clone: Set[int]) -> None:
+        self.no_clone = no_clone
+        self.jobs: List[_CopyJob] = []
+        self.handles: Dict[Rel, Dir] = {}
+        self.finish: List[Tuple[Rel, int, Tuple[int, int]]] = []
+        self._pool: Optional[Any] = None
+
+    def handle(self, fs: RootFS, staged: Rel) -> Dir:
+        d = self.handles.get(staged)
+        if d is None:
+            if len(self.handles) >= _BATCH_DIRS:
+                self.drain()
+            found = fs.dir(staged)
+            d = self.handles[staged] = Dir(os.dup(found.fd), found.path)
+        return d
+
+    def add(self, job: _CopyJob) -> None:
+        self.jobs.append(job)
+
+    def drain(self) -> None:
+        """Copy every queued file; raise the first error once all have stopped."""
+        jobs, self.jobs = self.jobs, []
+        try:
+            threaded = (
+                _POOL_THREADS > 1
+                and _os.get_hook() is None
+                and (self._pool is not None or len(jobs) >= _POOL_MIN_FILES)
+            )
+            if not threaded:
+                for job in jobs:
+                    _copy_file(job, self.no_clone)
+                return
+            # Imported when a tree is big enough to want it.
+            from concurrent.futures import (  # noqa: PLC0415
+                FIRST_EXCEPTION,
+                ThreadPoolExecutor,
+                wait,
+            )
+
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    _POOL_THREADS, thread_name_prefix="fstx-copy"
+                )
+            futures = [self._pool.submit(_copy_file, j, self.no_clone) for j in jobs]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:
+                # After an error (or an interrupt) the queued copies are
+                # dropped; the running ones finish: they use the handles.
+                for future in futures:
+                    future.cancel()
+                wait(futures)
+            for future in futures:
+                error = None if future.cancelled() else future.exception()
+                if error is not None:
+                    raise error
+        finally:
+            for d in self.handles.values():
+                os.close(d.fd)
+            self.handles.clear()
+
+    def close(self) -> None:
+        """Stop the threads and let go of the handles."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for d in self.handles.values():
+            os.close(d.fd)
+        self.handles.clear()
 
 
 class _StagedFile(io.RawIOBase):
@@ -746,6 +863,27 @@ class Transaction:
             raise
         return staged
 
+    def _copy_tree(
+        self, source: _Source, key: Any, staged: Rel, follow: bool, st: os.stat_result
+    ) -> None:
+        """Copy what ``key`` is; a tree from outside with its files in parallel."""
+        if not (
+            isinstance(source, _OutsideSource)
+            and stat.S_ISDIR(st.st_mode)
+            and _PARALLEL_COPIES
+        ):
+            self._copy_into(source, key, staged, follow, st)
+            return
+        batch = _TreeCopy(self._no_clone)
+        try:
+            self._copy_into(source, key, staged, follow, st, batch)
+            batch.drain()
+        finally:
+            batch.close()
+        for where, mode, ns in batch.finish:  # children before their parents
+            self._fs.chmod(where, mode)
+            self._fs.utime(where, ns)
+
     def _copy_into(
         self,
         source: _Source,
@@ -753,8 +891,13 @@ class Transaction:
         staged: Rel,
         follow: bool,
         st: Optional[os.stat_result] = None,
+        batch: Optional[_TreeCopy] = None,
     ) -> None:
-        """Copy ``key`` of ``source`` to ``staged`` (``st``: its stat, if known)."""
+        """Copy ``key`` of ``source`` to ``staged`` (``st``: its stat, if known).
+
+        With ``batch``, regular files are queued on it, and directories get
+        their mode and times from it once every file is in.
+        """
         if st is None:
             if follow:
                 key = source.follow(key)  # a link in the tree: copy what it points at
@@ -769,8 +912,17 @@ class Transaction:
             self._fs.mkdir(staged, 0o700)
             for name in source.listdir(key):
                 self._copy_into(
-                    source, source.child(key, name), (*staged, name), follow
-                )
+                    source, source.child(key, name), (*staged, name), follow,
+                    batch=batch,
+                )  # fmt: skip
+            if batch is not None:
+                ns = (st.st_atime_ns, st.st_mtime_ns)
+                batch.finish.append((staged, stat.S_IMODE(st.st_mode), ns))
+                return
+        elif stat.S_ISREG(st.st_mode) and batch is not None:
+            parent = batch.handle(self._fs, staged[:-1])
+            batch.add(_CopyJob(key, parent, staged[-1], st, follow))
+            return
         elif stat.S_ISREG(st.st_mode):
             src_fd = source.open(key, follow)
             try:
@@ -874,9 +1026,10 @@ class Transaction:
         # Parents are planned only once the copy is staged.
         dev, inline, made, staged = self._where_to_stage(rel, existing, top)
         try:
-            # A source outside the root was just looked at: no second stat.
-            known = st if inner is None else None
-            self._copy_into(source, key, staged, follow_symlinks, known)
+            if inner is None:  # outside the root: looked at just now
+                self._copy_tree(source, key, staged, follow_symlinks, st)
+            else:
+                self._copy_into(source, key, staged, follow_symlinks)
         except BaseException:
             self._fs.remove_tree(staged)
             self._unmake(made)
