@@ -170,10 +170,10 @@ def install_workload(b: Bench) -> Workload:
 
         return run
 
-    def tree(durability: str) -> Callable[[Path], None]:
+    def tree(durability: str, link: bool = False) -> Callable[[Path], None]:
         def run(root: Path) -> None:
             with fstx.transaction(root, durability=durability) as tx:
-                tx.copy(b.src_old / PACKAGE, PACKAGE)
+                tx.copy(b.src_old / PACKAGE, PACKAGE, link=link)
 
         return run
 
@@ -207,6 +207,13 @@ def install_workload(b: Bench) -> Workload:
                 "fstx-tree-full",
                 "fstx, one tree copy, durability='full'",
                 tree("full"),
+                empty,
+            ),
+            Variant(
+                "fstx-link-none",
+                "fstx, one tree copy with link=True (a cache on the same file "
+                "system), durability='none'",
+                tree("none", link=True),
                 empty,
             ),
         ],

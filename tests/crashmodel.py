@@ -1120,6 +1120,30 @@ class Recorder:
             label=f"link {self._name(sd, sn)} -> {self._name(dd, dn)}",
         )
 
+    def _on_link_in(self, src: str, d: Dir, name: str, follow: bool) -> None:
+        # A file from outside the tree gets a name in it: to the model, a new
+        # file with that content (not durable before an fsync, to be safe).
+        del follow
+        st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+        known = self.ino_map.get(_ino(st))
+        if known is not None and known in self.model.inodes:
+            # Linked in before (one cached file installed twice): another name.
+            parent = self._dir(d)
+            self.model.add(
+                f"link {src} -> {self._name(d, name)}",
+                [(ENTRY, parent, name, known)],
+                [parent],
+                [(parent, name)],
+                also=[known],
+            )
+            return
+        i = self._add_new(d, name, "file")
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=d.fd)
+        try:
+            self._content(i, fd, f"link {src} -> {self._name(d, name)}")
+        finally:
+            os.close(fd)
+
     def _on_open_file(self, d: Dir, name: str, flags: int, mode: int = 0o666) -> None:
         parent = self._dir(d)
         if not self._existed and flags & os.O_CREAT:

@@ -617,13 +617,18 @@ class Audit:
         return bad
 
     def rule_d(self) -> List[str]:
-        """Nothing outside the root changes."""
+        """Nothing outside the root changes.
+
+        A hard link's source (a cached file that ``copy(link=True)`` links
+        in) only gains a name inside the root: its own name is not a change.
+        """
         bad: List[str] = []
         for e in self.events:
             if e.kind not in CHANGES and e.kind != "open-write":
                 continue
+            named = e.paths[1:] if e.kind == "link" else e.paths
             paths = [
-                p for p in e.paths if p != os.devnull and not p.startswith("/dev/pts/")
+                p for p in named if p != os.devnull and not p.startswith("/dev/pts/")
             ]
             bad.extend(
                 f"(d) {e.call} {p!r} (event {e.index}) is outside the root"

@@ -236,9 +236,9 @@ def test_copy_of_a_big_tree_uses_threads_and_is_exact(
     threads: Set[str] = set()
     copy_file = fstx._transaction._copy_file
 
-    def spy(job: Any, no_clone: Set[int]) -> None:
+    def spy(job: Any, no_clone: Set[int], no_link: Set[int]) -> None:
         threads.add(threading.current_thread().name)
-        copy_file(job, no_clone)
+        copy_file(job, no_clone, no_link)
 
     monkeypatch.setattr(fstx._transaction, "_copy_file", spy)
     with tx_on(root) as tx:
@@ -258,10 +258,10 @@ def test_a_failed_copy_in_a_thread_fails_the_call_and_leaves_the_plan(
     before = snapshot(root)
     copy_file = fstx._transaction._copy_file
 
-    def disk_full_at_one(job: Any, no_clone: Set[int]) -> None:
+    def disk_full_at_one(job: Any, no_clone: Set[int], no_link: Set[int]) -> None:
         if job.name == "f5.py" and job.parent.path.endswith("s2"):
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        copy_file(job, no_clone)
+        copy_file(job, no_clone, no_link)
 
     monkeypatch.setattr(fstx._transaction, "_copy_file", disk_full_at_one)
     tx = tx_on(root)
@@ -282,6 +282,104 @@ def test_a_failed_copy_in_a_thread_fails_the_call_and_leaves_the_plan(
     assert describe(root / "pkg") == describe(src)
     assert snapshot(root)["kept"] == before["kept"]
     assert_clean(root)
+
+
+def _inode(path: pathlib.Path) -> Tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino
+
+
+@pytest.mark.parametrize(
+    ("dirs", "per_dir"),
+    [pytest.param(1, 3, id="few-files"), pytest.param(6, 8, id="threads")],
+)
+def test_copy_with_link_installs_the_cached_files_themselves(
+    root: pathlib.Path, tmp_path: pathlib.Path, dirs: int, per_dir: int
+) -> None:
+    cache = build_wide_tree(tmp_path, dirs, per_dir)
+    (tmp_path / "single").write_bytes(b"one file")
+    cached = describe(cache)
+    make_tree(root, {"bin/tool": b"old tool"})
+    with tx_on(root) as tx:
+        tx.copy(cache, "lib/pkg", link=True)
+        tx.copy(tmp_path / "single", "bin/tool", link=True)  # replaces a file
+    assert describe(root / "lib/pkg") == cached
+    assert describe(cache) == cached  # the cache is as it was
+    files = [p for p in cache.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert files
+    for path in files:
+        installed = root / "lib/pkg" / path.relative_to(cache)
+        assert _inode(installed) == _inode(path)
+        assert os.lstat(path).st_nlink == 2
+    assert _inode(root / "bin/tool") == _inode(tmp_path / "single")
+    # Symlinks and directories are made anew; only regular files are shared.
+    link = next(p for p in cache.rglob("link"))
+    assert _inode(root / "lib/pkg" / link.relative_to(cache)) != _inode(link)
+    assert_clean(root)
+
+
+def test_a_rolled_back_linked_copy_leaves_the_cache_alone(
+    root: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    cache = build_wide_tree(tmp_path, 4, 5)
+    cached = describe(cache)
+    tx = tx_on(root)
+    tx.copy(cache, "pkg", link=True)
+    tx.rollback()
+    assert describe(cache) == cached
+    assert all(
+        os.lstat(p).st_nlink == 1
+        for p in cache.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    )
+    assert sorted(os.listdir(root)) == [".fstx"]
+    assert_clean(root)
+
+
+def test_copy_with_link_from_another_file_system_copies_and_asks_once(
+    root: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    reason = mounts.why_no_mounts()
+    if reason is not None:
+        pytest.skip(reason)
+    made = mounts.Mounts()
+    try:
+        other = pathlib.Path(made.tmpfs(str(tmp_path / "cache")))
+        cache = build_wide_tree(other, 2, 3)
+        asked: List[str] = []
+
+        def hook(name: str, phase: str, args: Tuple[Any, ...]) -> None:
+            if name == "link_in" and phase == "before":
+                asked.append(args[0])
+
+        with installed(hook), tx_on(root) as tx:
+            tx.copy(cache, "pkg", link=True)
+        assert describe(root / "pkg") == describe(cache)
+        assert len(asked) == 1  # EXDEV once: the other files were copied at once
+        for path in cache.rglob("*.py"):
+            assert _inode(root / "pkg" / path.relative_to(cache)) != _inode(path)
+        assert_clean(root)
+    finally:
+        made.close()
+
+
+def test_a_link_to_a_file_swapped_since_it_was_looked_at_is_not_kept(
+    root: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    # The cache entry was replaced between the stat and the link: the link
+    # names another file, so it is removed again and the caller copies.
+    (tmp_path / "looked-at").write_bytes(b"a")
+    (tmp_path / "now-there").write_bytes(b"b")
+    st = os.lstat(tmp_path / "looked-at")
+    d = impl.open_root(str(root))
+    try:
+        linked = fstx._transaction._linked(
+            str(tmp_path / "now-there"), d, "x", st, False, set()
+        )
+    finally:
+        impl.close_dir(d)
+    assert not linked
+    assert os.listdir(root) == []
 
 
 COPY_WITH_FEW_DESCRIPTORS = """

@@ -387,11 +387,12 @@ class Copy:
     dst: str
     outside: bool = True
     follow: bool = False
+    link: bool = False  # hard-link the files from outside (an install from a cache)
 
     def on_tx(self, tx: fstx.Transaction, src_dir: str) -> None:
         """Plan it on ``tx``."""
         src = _outside(src_dir, self.src) if self.outside else self.src
-        tx.copy(src, self.dst, follow_symlinks=self.follow)
+        tx.copy(src, self.dst, follow_symlinks=self.follow, link=self.link)
 
     def on_model(self, model: TreeModel, src_dir: str) -> None:
         """Apply it to ``model``."""
@@ -808,6 +809,23 @@ WORKLOADS += tuple(
     attrs.evolve(w, name=f"{w.name}-link-backup", exchange=False)
     for w in WORKLOADS
     if w.name in ("replace-one-file", "installer-upgrade")
+)
+# The upgrade again, from a cache: its files hard-linked, not copied, and a
+# replaced file that is a link to a cached one.
+WORKLOADS += tuple(
+    attrs.evolve(
+        w,
+        name="installer-upgrade-from-cache",
+        ops=(
+            *(
+                attrs.evolve(op, link=True) if isinstance(op, Copy) else op
+                for op in w.ops
+            ),
+            Copy("pkg/core.py", "bin/python", link=True),
+        ),
+    )
+    for w in WORKLOADS
+    if w.name == "installer-upgrade"
 )
 
 BY_NAME: Dict[str, Workload] = {w.name: w for w in WORKLOADS}

@@ -27,6 +27,7 @@ __all__ = [
     "fsync_dir",
     "get_hook",
     "link",
+    "link_in",
     "listdir",
     "lstat",
     "mkdir",
@@ -59,6 +60,7 @@ MUTATING = frozenset(
         "fsync",
         "fsync_dir",
         "link",
+        "link_in",
         "mkdir",
         "open_file",
         "rename",
@@ -118,6 +120,7 @@ rename = _seam("rename", impl.rename)
 rename_noreplace = _seam("rename_noreplace", impl.rename_noreplace)
 exchange = _seam("exchange", impl.exchange)
 link = _seam("link", impl.link)
+link_in = _seam("link_in", impl.link_in)
 symlink = _seam("symlink", impl.symlink)
 readlink = _seam("readlink", impl.readlink)
 open_file = _seam("open_file", impl.open_file)

@@ -230,10 +230,50 @@ class _CopyJob(NamedTuple):
     name: str
     st: os.stat_result
     follow: bool
+    link: bool
 
 
-def _copy_file(job: _CopyJob, no_clone: Set[int]) -> None:
-    """Copy one file into staging, with its mode and times (any thread)."""
+# What link() says where a hard link cannot be had: another device, a file
+# system without them, too many links, not allowed (protected_hardlinks).
+_NO_LINK = frozenset(
+    {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+)
+
+
+def _linked(
+    src: str,
+    parent: Dir,
+    name: str,
+    st: os.stat_result,
+    follow: bool,
+    no_link: Set[int],
+) -> bool:
+    """Hard-link the file at ``src`` into staging; False: copy it instead.
+
+    The link must be the very file that was looked at (``st``): one swapped
+    in since (another file, a symlink) is unlinked again and copied.
+    """
+    if st.st_dev in no_link:
+        return False
+    try:
+        _os.link_in(src, parent, name, follow)
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        if exc.errno == errno.EXDEV:
+            no_link.add(st.st_dev)  # the cache is on another file system
+        return False
+    got = _os.lstat(parent, name)
+    if stat.S_ISREG(got.st_mode) and got.st_ino == st.st_ino:
+        return True
+    _os.unlink(parent, name)
+    return False
+
+
+def _copy_file(job: _CopyJob, no_clone: Set[int], no_link: Set[int]) -> None:
+    """Copy (or link) one file into staging, with its mode and times (any thread)."""
+    if job.link and _linked(job.src, job.parent, job.name, job.st, job.follow, no_link):
+        return  # the very file: its mode and times are the source's
     src_fd = os.open(job.src, _READ if job.follow else _READ_NOFOLLOW)
     try:
         dst_fd = _os.open_file(job.parent, job.name, _CREATE, 0o600)
@@ -260,8 +300,9 @@ class _TreeCopy:
     call k), the files are copied in the calling thread, in walk order.
     """
 
-    def __init__(self, no_clone: Set[int]) -> None:
+    def __init__(self, no_clone: Set[int], no_link: Set[int]) -> None:
         self.no_clone = no_clone
+        self.no_link = no_link
         self.jobs: List[_CopyJob] = []
         self.handles: Dict[Rel, Dir] = {}
         self.finish: List[Tuple[Rel, int, Tuple[int, int]]] = []
@@ -290,7 +331,7 @@ class _TreeCopy:
             )
             if not threaded:
                 for job in jobs:
-                    _copy_file(job, self.no_clone)
+                    _copy_file(job, self.no_clone, self.no_link)
                 return
             # Imported when a tree is big enough to want it.
             from concurrent.futures import (  # noqa: PLC0415
@@ -303,7 +344,10 @@ class _TreeCopy:
                 self._pool = ThreadPoolExecutor(
                     _POOL_THREADS, thread_name_prefix="fstx-copy"
                 )
-            futures = [self._pool.submit(_copy_file, j, self.no_clone) for j in jobs]
+            futures = [
+                self._pool.submit(_copy_file, j, self.no_clone, self.no_link)
+                for j in jobs
+            ]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
             finally:
@@ -397,6 +441,7 @@ class Transaction:
         # Devices whose files could not be cloned into staging (ext4, tmpfs,
         # another file system): their copies go straight to copy_file_range.
         self._no_clone: Set[int] = set()
+        self._no_link: Set[int] = set()  # devices a link from failed (EXDEV)
         self._area_tops: List[Rel] = []
         self._nested_tops: List[Rel] = []  # those below the root's own
         self._counter = 0
@@ -864,7 +909,14 @@ class Transaction:
         return staged
 
     def _copy_tree(
-        self, source: _Source, key: Any, staged: Rel, follow: bool, st: os.stat_result
+        self,
+        source: _Source,
+        key: Any,
+        staged: Rel,
+        follow: bool,
+        st: os.stat_result,
+        *,
+        link: bool,
     ) -> None:
         """Copy what ``key`` is; a tree from outside with its files in parallel."""
         if not (
@@ -872,11 +924,11 @@ class Transaction:
             and stat.S_ISDIR(st.st_mode)
             and _PARALLEL_COPIES
         ):
-            self._copy_into(source, key, staged, follow, st)
+            self._copy_into(source, key, staged, follow, st, link=link)
             return
-        batch = _TreeCopy(self._no_clone)
+        batch = _TreeCopy(self._no_clone, self._no_link)
         try:
-            self._copy_into(source, key, staged, follow, st, batch)
+            self._copy_into(source, key, staged, follow, st, batch, link=link)
             batch.drain()
         finally:
             batch.close()
@@ -892,11 +944,14 @@ class Transaction:
         follow: bool,
         st: Optional[os.stat_result] = None,
         batch: Optional[_TreeCopy] = None,
+        *,
+        link: bool = False,
     ) -> None:
         """Copy ``key`` of ``source`` to ``staged`` (``st``: its stat, if known).
 
         With ``batch``, regular files are queued on it, and directories get
-        their mode and times from it once every file is in.
+        their mode and times from it once every file is in. With ``link``,
+        regular files from outside the root are hard-linked where they can be.
         """
         if st is None:
             if follow:
@@ -913,7 +968,7 @@ class Transaction:
             for name in source.listdir(key):
                 self._copy_into(
                     source, source.child(key, name), (*staged, name), follow,
-                    batch=batch,
+                    batch=batch, link=link,
                 )  # fmt: skip
             if batch is not None:
                 ns = (st.st_atime_ns, st.st_mtime_ns)
@@ -921,9 +976,13 @@ class Transaction:
                 return
         elif stat.S_ISREG(st.st_mode) and batch is not None:
             parent = batch.handle(self._fs, staged[:-1])
-            batch.add(_CopyJob(key, parent, staged[-1], st, follow))
+            batch.add(_CopyJob(key, parent, staged[-1], st, follow, link))
             return
         elif stat.S_ISREG(st.st_mode):
+            if link and isinstance(source, _OutsideSource):
+                parent = self._fs.dir(staged[:-1])
+                if _linked(key, parent, staged[-1], st, follow, self._no_link):
+                    return  # the very file: its mode and times are the source's
             src_fd = source.open(key, follow)
             try:
                 dst_fd = self._fs.open(staged, _CREATE, 0o600)
@@ -986,12 +1045,25 @@ class Transaction:
     # -- operations ------------------------------------------------------------
 
     def copy(
-        self, src: StrPath, dst: StrPath, *, follow_symlinks: bool = False
+        self,
+        src: StrPath,
+        dst: StrPath,
+        *,
+        follow_symlinks: bool = False,
+        link: bool = False,
     ) -> None:
         """Copy a file, symlink or tree to ``dst``, keeping mode bits and times.
 
         ``src`` may be anywhere; it is read now, so later changes to it do not
         matter. A relative ``src`` is relative to the root and seen as planned.
+
+        ``link=True`` (opt-in) hard-links the regular files of a ``src``
+        outside the root instead of copying them, where the file system
+        allows (the same one as the root, hard links supported): an install
+        from a cache of unpacked packages costs a link per file. Such a file
+        *is* the cache's file: same mode bits and times, and a later change to
+        one shows in the other. Where a link cannot be had (another file
+        system, too many links), the file is copied.
 
         Raises:
             PlanError: ``src`` is missing, ``dst`` is outside the root, or a
@@ -1027,7 +1099,7 @@ class Transaction:
         dev, inline, made, staged = self._where_to_stage(rel, existing, top)
         try:
             if inner is None:  # outside the root: looked at just now
-                self._copy_tree(source, key, staged, follow_symlinks, st)
+                self._copy_tree(source, key, staged, follow_symlinks, st, link=link)
             else:
                 self._copy_into(source, key, staged, follow_symlinks)
         except BaseException:

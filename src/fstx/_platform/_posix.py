@@ -174,6 +174,14 @@ def link(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
     os.link(sn, dn, src_dir_fd=sd.fd, dst_dir_fd=dd.fd, follow_symlinks=False)
 
 
+def link_in(src: str, d: Dir, name: str, follow: bool) -> None:
+    """Hard-link ``name`` in ``d`` to the file at path ``src`` (anywhere).
+
+    ``follow``: link what a symlink at ``src`` points to, not the symlink.
+    """
+    os.link(src, name, dst_dir_fd=d.fd, follow_symlinks=follow)
+
+
 def symlink(target: str, d: Dir, name: str) -> None:
     """Create symlink ``name`` pointing at ``target``."""
     os.symlink(target, name, dir_fd=d.fd)

@@ -691,6 +691,16 @@ def link(sd: Dir, sn: str, dd: Dir, dn: str) -> None:
     os.link(_join(sd, sn), _join(dd, dn))
 
 
+def link_in(src: str, d: Dir, name: str, follow: bool) -> None:
+    """Hard-link ``name`` in ``d`` to the file at path ``src`` (``CreateHardLinkW``).
+
+    ``follow``: link what a symlink at ``src`` points to, not the symlink.
+    """
+    if follow:
+        src = os.path.realpath(src)
+    os.link(src, _join(d, name))
+
+
 def symlink(target: str, d: Dir, name: str) -> None:
     """Create symlink ``name`` pointing at ``target``.
 
