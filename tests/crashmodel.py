@@ -1120,6 +1120,15 @@ class Recorder:
             label=f"link {self._name(sd, sn)} -> {self._name(dd, dn)}",
         )
 
+    def _on_clone_into(self, src: int, d: Dir, name: str) -> None:
+        # macOS only (fclonefileat): a new file with the source's content.
+        i = self._add_new(d, name, "file")
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=d.fd)
+        try:
+            self._content(i, fd, f"clone {_fd_path(src)} -> {self._name(d, name)}")
+        finally:
+            os.close(fd)
+
     def _on_link_in(self, src: str, d: Dir, name: str, follow: bool) -> None:
         # A file from outside the tree gets a name in it: to the model, a new
         # file with that content (not durable before an fsync, to be safe).

@@ -382,6 +382,54 @@ def test_a_link_to_a_file_swapped_since_it_was_looked_at_is_not_kept(
     assert os.listdir(root) == []
 
 
+@pytest.mark.parametrize("works", [True, False], ids=["cloned", "refused"])
+def test_copies_are_clones_where_the_platform_makes_them(
+    root: pathlib.Path,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    works: bool,
+) -> None:
+    # macOS makes a file by fclonefileat(); Linux has no such call (it clones
+    # inside copy_fd). Its logic, driven here through the seam with a stand-in.
+    cache = build_wide_tree(tmp_path, 5, 6)
+    (tmp_path / "single").write_bytes(b"single file")
+    cloned: List[str] = []
+    copied: List[int] = []
+    asked: List[str] = []
+    copy_fd = fstx._os.copy_fd
+
+    def clone_into(src: int, d: Any, name: str) -> bool:
+        asked.append(name)
+        if not works:
+            return False  # HFS+, another volume: ENOTSUP, EXDEV
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=d.fd)
+        try:
+            os.write(fd, os.pread(src, 1 << 20, 0))
+        finally:
+            os.close(fd)
+        cloned.append(name)
+        return True
+
+    def counting_copy_fd(src: int, dst: int, clone: bool = True) -> bool:
+        copied.append(dst)
+        return copy_fd(src, dst, clone)
+
+    monkeypatch.setattr(fstx._transaction, "_CLONE_FILES", True)
+    monkeypatch.setattr(fstx._os, "clone_into", clone_into)
+    monkeypatch.setattr(fstx._os, "copy_fd", counting_copy_fd)
+    with tx_on(root) as tx:
+        tx.copy(cache, "pkg")
+        tx.copy(tmp_path / "single", "single")
+    assert describe(root / "pkg") == describe(cache)
+    assert (root / "single").read_bytes() == b"single file"
+    files = 5 * 6 + 1
+    if works:
+        assert (len(cloned), len(copied)) == (files, 0)
+    else:
+        assert (len(asked), len(copied)) == (1, files)  # asked once per device
+    assert_clean(root)
+
+
 COPY_WITH_FEW_DESCRIPTORS = """
 import os, resource, sys
 import fstx

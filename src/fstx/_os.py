@@ -19,6 +19,7 @@ __all__ = [
     "Dir",
     "Hook",
     "chmod",
+    "clone_into",
     "close",
     "close_dir",
     "copy_fd",
@@ -55,6 +56,7 @@ _hook: Optional[Hook] = None
 MUTATING = frozenset(
     {
         "chmod",
+        "clone_into",
         "copy_fd",
         "exchange",
         "fsync",
@@ -130,5 +132,6 @@ fsync = _seam("fsync", impl.fsync)
 fsync_dir = _seam("fsync_dir", impl.fsync_dir)
 syncfs = _seam("syncfs", impl.syncfs)
 copy_fd = _seam("copy_fd", impl.copy_fd)
+clone_into = _seam("clone_into", impl.clone_into)
 write = _seam("write", _write)
 close = _seam("close", os.close)

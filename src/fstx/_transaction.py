@@ -215,6 +215,7 @@ class _PlannedSource(_Source):
         return self.tx._resolve(join(key), "copy", follow_last=True)
 
 
+_CLONE_FILES: bool = impl.CLONE_FILES  # a switch for tests, too
 _PARALLEL_COPIES = os.name == "posix"  # directory descriptors to hand to threads
 _POOL_THREADS = min(4, os.cpu_count() or 1)
 """Threads that copy the files of one tree at a time (file I/O releases the GIL)."""
@@ -270,19 +271,35 @@ def _linked(
     return False
 
 
+def _copy_data(
+    src_fd: int, parent: Dir, name: str, st: os.stat_result, no_clone: Set[int]
+) -> None:
+    """Make ``name`` in ``parent`` with the data of ``src_fd``, cloned if possible.
+
+    A clone is tried once per source device: where it fails (another file
+    system, one without clones) the next files are copied at once.
+    """
+    clone = st.st_dev not in no_clone
+    if _CLONE_FILES and clone:
+        if _os.clone_into(src_fd, parent, name):  # macOS: the file made by a clone
+            return
+        no_clone.add(st.st_dev)
+        clone = False
+    dst_fd = _os.open_file(parent, name, _CREATE, 0o600)
+    try:
+        if not _os.copy_fd(src_fd, dst_fd, clone) and clone:
+            no_clone.add(st.st_dev)  # Linux: FICLONE refused, copy_file_range used
+    finally:
+        _os.close(dst_fd)
+
+
 def _copy_file(job: _CopyJob, no_clone: Set[int], no_link: Set[int]) -> None:
     """Copy (or link) one file into staging, with its mode and times (any thread)."""
     if job.link and _linked(job.src, job.parent, job.name, job.st, job.follow, no_link):
         return  # the very file: its mode and times are the source's
     src_fd = os.open(job.src, _READ if job.follow else _READ_NOFOLLOW)
     try:
-        dst_fd = _os.open_file(job.parent, job.name, _CREATE, 0o600)
-        try:
-            clone = job.st.st_dev not in no_clone
-            if not _os.copy_fd(src_fd, dst_fd, clone) and clone:
-                no_clone.add(job.st.st_dev)
-        finally:
-            _os.close(dst_fd)
+        _copy_data(src_fd, job.parent, job.name, job.st, no_clone)
     finally:
         os.close(src_fd)
     _os.chmod(job.parent, job.name, stat.S_IMODE(job.st.st_mode))
@@ -985,13 +1002,8 @@ class Transaction:
                     return  # the very file: its mode and times are the source's
             src_fd = source.open(key, follow)
             try:
-                dst_fd = self._fs.open(staged, _CREATE, 0o600)
-                try:
-                    clone = st.st_dev not in self._no_clone
-                    if not _os.copy_fd(src_fd, dst_fd, clone) and clone:
-                        self._no_clone.add(st.st_dev)
-                finally:
-                    _os.close(dst_fd)
+                parent = self._fs.dir(staged[:-1])
+                _copy_data(src_fd, parent, staged[-1], st, self._no_clone)
             finally:
                 os.close(src_fd)
         else:

@@ -882,6 +882,16 @@ def syncfs(d: Dir) -> bool:
     return False
 
 
+CLONE_FILES = False
+"""Whether :func:`clone_into` can make a file."""
+
+
+def clone_into(src: int, d: Dir, name: str) -> bool:
+    """No file clones through this API here (ReFS block cloning is not used)."""
+    del src, d, name
+    return False
+
+
 def copy_fd(src: int, dst: int, clone: bool = True) -> bool:
     """Copy all data of ``src`` into the empty file ``dst``; never a clone here."""
     del clone
