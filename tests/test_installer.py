@@ -353,6 +353,30 @@ def test_record_is_planned_last(prefix: Path, v1: Path) -> None:
     assert_clean(prefix)
 
 
+@pytest.mark.parametrize(
+    "size",
+    [
+        pytest.param(0, id="empty"),
+        pytest.param((1 << 20) - 1, id="one-chunk"),
+        pytest.param(1 << 20, id="exactly-a-chunk"),
+        pytest.param((5 << 19) + 3, id="streamed"),
+    ],
+)
+def test_members_of_every_size_are_written_whole(
+    prefix: Path, tmp_path: Path, size: int
+) -> None:
+    # A member is read in chunks of 1 MiB: one chunk goes in as one write,
+    # more are streamed through tx.open.
+    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
+    wheel = wheels.build_wheel(
+        tmp_path / "w", "sized", "1.0", {"sized/blob.bin": data, "sized/x.py": b""}
+    )
+    install_with_destination(prefix, wheel, bytecode_optimization_levels=(0,))
+    site = site_of(prefix)
+    assert (site / "sized/blob.bin").read_bytes() == data
+    assert check_record(prefix, site / "sized-1.0.dist-info") == files_under(prefix)
+
+
 def test_windows_launcher_kind(prefix: Path, v1: Path) -> None:
     with fstx.transaction(prefix, durability="none") as tx:
         dest = TransactionalDestination(

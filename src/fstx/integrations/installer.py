@@ -378,16 +378,25 @@ class TransactionalDestination(WheelDestination):
         hasher = hashlib.new(self.hash_algorithm)
         size = 0
         kept: List[bytes] = []
-        with self.tx.open(target, "wb", file_mode=mode) as f:
-            while True:
-                chunk = stream.read(_CHUNK)
-                if not chunk:
-                    break
-                hasher.update(chunk)
-                f.write(chunk)
-                size += len(chunk)
-                if keep:
-                    kept.append(chunk)
+        first = stream.read(_CHUNK)
+        second = stream.read(_CHUNK) if first else b""
+        if not second:
+            # Most files of a wheel: the whole content in one piece.
+            self.tx.write_bytes(target, first, mode=mode)
+            hasher.update(first)
+            size = len(first)
+            kept.append(first)
+        else:
+            with self.tx.open(target, "wb", file_mode=mode) as f:
+                chunk = first
+                while chunk:
+                    hasher.update(chunk)
+                    f.write(chunk)
+                    size += len(chunk)
+                    if keep:
+                        kept.append(chunk)
+                    chunk, second = second, b""
+                    chunk = chunk or stream.read(_CHUNK)
         if keep:
             self._sources[(scheme, path)] = b"".join(kept)
         digest = base64.urlsafe_b64encode(hasher.digest()).decode("ascii").rstrip("=")
