@@ -785,20 +785,26 @@ def read_origin(fs: RootFS, rel: Rel) -> Tuple[Optional[Rel], Optional[Rel]]:
     return found[0], found[1]
 
 
-def backups_of(steps: Iterable[Step]) -> List[Tuple[Rel, Rel]]:
-    """``(backup, original path)`` of every step that keeps a backup.
+def purge_backups(fs: RootFS, steps: Iterable[Step], deferred: List[Rel]) -> None:
+    """Delete every backup the steps keep, as :func:`purge` does (never raises).
 
     Of a replaced file, every name its old version may have in staging: the
-    hard-link backup, the name it was moved away to, and the staged name it
-    was swapped with.
+    staged name it was swapped to, else its hard-link backup and the name it
+    was moved away to. What cannot be deleted goes to the trash of its own
+    staging area, listed under the path it came from.
     """
-    found: List[Tuple[Rel, Rel]] = []
     for step in steps:
         if isinstance(step, Place) and step.backup is not None:
-            found.append((step.backup, step.dst))
-            found.append((away_name(step.backup), step.dst))
             if step.staged:
-                found.append((step.src, step.dst))  # the old file, if swapped out
+                try:
+                    st = fs.lstat(step.src)
+                except OSError:
+                    st = None  # purge below says why, if it matters
+                if st is not None and st.st_ino != step.ino:
+                    # Swapped out: the old file is here, and only here.
+                    purge(fs, step.src, step.dst, trash_for(step.src[:-1]), deferred)
+                    continue
+            for name in (step.backup, away_name(step.backup)):
+                purge(fs, name, step.dst, trash_for(name[:-1]), deferred)
         elif isinstance(step, Remove):
-            found.append((step.backup, step.path))
-    return found
+            purge(fs, step.backup, step.path, trash_for(step.backup[:-1]), deferred)

@@ -155,10 +155,7 @@ def recover_locked(fs: RootFS, retrier: Retrier) -> RecoveryReport:
                 ) from exc
             rolled_back = True
         elif state == _journal.COMMITTED:
-            for backup, origin in _commit.backups_of(steps):
-                _commit.purge(
-                    fs, backup, origin, _commit.trash_for(backup[:-1]), deferred
-                )
+            _commit.purge_backups(fs, steps, deferred)
             rolled_forward = True
         for area in journal.areas:
             _commit.purge(fs, area, area, _commit.trash_for(area), deferred)

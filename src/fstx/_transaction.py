@@ -1431,9 +1431,7 @@ class Transaction:
             self._abort(exc, applied=True, index=index, recorded=recorded)
         deferred: List[Rel] = []
         try:
-            for backup, origin in _commit.backups_of(steps):
-                trash = _commit.trash_for(backup[:-1])
-                _commit.purge(self._fs, backup, origin, trash, deferred)
+            _commit.purge_backups(self._fs, steps, deferred)
             self._clean_staging(deferred)
             # Last: a journal that will not go is trashed and reported, like
             # any leftover, rather than left to look like a pending transaction.
@@ -1507,9 +1505,7 @@ class Transaction:
             # A backup left after the undo is a second name of an old file in
             # use (winfs, Windows): it goes to the trash under its own path.
             left: List[Rel] = []
-            for backup, origin in _commit.backups_of(self._steps):
-                trash = _commit.trash_for(backup[:-1])
-                _commit.purge(self._fs, backup, origin, trash, left)
+            _commit.purge_backups(self._fs, self._steps, left)
             self._clean_staging(left)
             self._journal.remove()
         except OSError as clean_exc:
