@@ -10,10 +10,22 @@ from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
+from fstx import _commit
 from winfs import WinFS, mount, unavailable
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+
+@pytest.fixture
+def windows_protocol() -> None:
+    """Replace files the way fstx does on Windows, which has no atomic exchange.
+
+    winfs models Windows' sharing rules; on Linux the commit would otherwise
+    swap a replaced file out with ``RENAME_EXCHANGE``. The root conftest
+    puts the switch back after each test.
+    """
+    _commit._EXCHANGE = False
 
 
 @pytest.fixture

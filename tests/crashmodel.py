@@ -1120,14 +1120,18 @@ class Recorder:
             label=f"link {self._name(sd, sn)} -> {self._name(dd, dn)}",
         )
 
-    def _on_clone_into(self, src: int, d: Dir, name: str) -> None:
-        # macOS only (fclonefileat): a new file with the source's content.
+    def _add_copy(self, d: Dir, name: str, label: str) -> None:
+        """A new file whose content came whole from elsewhere (not durable yet)."""
         i = self._add_new(d, name, "file")
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=d.fd)
         try:
-            self._content(i, fd, f"clone {_fd_path(src)} -> {self._name(d, name)}")
+            self._content(i, fd, label)
         finally:
             os.close(fd)
+
+    def _on_clone_into(self, src: int, d: Dir, name: str) -> None:
+        # macOS only (fclonefileat): a new file with the source's content.
+        self._add_copy(d, name, f"clone {_fd_path(src)} -> {self._name(d, name)}")
 
     def _on_link_in(self, src: str, d: Dir, name: str, follow: bool) -> None:
         # A file from outside the tree gets a name in it: to the model, a new
@@ -1146,12 +1150,7 @@ class Recorder:
                 also=[known],
             )
             return
-        i = self._add_new(d, name, "file")
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=d.fd)
-        try:
-            self._content(i, fd, f"link {src} -> {self._name(d, name)}")
-        finally:
-            os.close(fd)
+        self._add_copy(d, name, f"link {src} -> {self._name(d, name)}")
 
     def _on_open_file(self, d: Dir, name: str, flags: int, mode: int = 0o666) -> None:
         parent = self._dir(d)

@@ -30,18 +30,7 @@ from winfs import WinFS, hold
 pytest_plugins = ["conftest_winfs"]
 
 
-@pytest.fixture(autouse=True)
-def _windows_protocol() -> None:
-    """Replace files the way fstx does on Windows, which has no atomic exchange.
-
-    winfs models Windows' sharing rules; on Linux the commit would otherwise
-    swap a replaced file out with ``RENAME_EXCHANGE`` (its own tests below
-    and in test_transaction). conftest puts the switch back after each test.
-    """
-    _commit._EXCHANGE = False
-
-
-pytestmark = pytest.mark.fuse
+pytestmark = [pytest.mark.fuse, pytest.mark.usefixtures("windows_protocol")]
 
 POLICY = fstx.RetryPolicy(deadline=1.0, defer_after=0.3)
 """Short budgets: a file in use is given up on in about a second."""

@@ -33,7 +33,6 @@ from installer.sources import WheelFile
 
 import fstx
 import wheels
-from fstx import _commit
 from fstx.integrations.installer import (
     TransactionalDestination,
     _prefix_scheme,
@@ -45,19 +44,9 @@ from winfs import WinFS, hold
 pytest_plugins = ["conftest_winfs"]
 
 
-@pytest.fixture(autouse=True)
-def _windows_protocol() -> None:
-    """Replace files the way fstx does on Windows, which has no atomic exchange.
-
-    winfs models Windows' sharing rules; on Linux the commit would otherwise
-    swap a replaced file out with ``RENAME_EXCHANGE`` (its own tests below
-    and in test_transaction). conftest puts the switch back after each test.
-    """
-    _commit._EXCHANGE = False
-
-
 pytestmark = [
     pytest.mark.fuse,
+    pytest.mark.usefixtures("windows_protocol"),
     pytest.mark.skipif(sys.platform == "win32", reason="winfs is a FUSE filesystem"),
 ]
 

@@ -336,31 +336,37 @@ def test_a_rolled_back_linked_copy_leaves_the_cache_alone(
     assert_clean(root)
 
 
-def test_copy_with_link_from_another_file_system_copies_and_asks_once(
-    root: pathlib.Path, tmp_path: pathlib.Path
-) -> None:
+@pytest.fixture
+def made() -> Iterator[mounts.Mounts]:
+    """Mounts for one test (root only), undone when it ends."""
     reason = mounts.why_no_mounts()
     if reason is not None:
         pytest.skip(reason)
     made = mounts.Mounts()
     try:
-        other = pathlib.Path(made.tmpfs(str(tmp_path / "cache")))
-        cache = build_wide_tree(other, 2, 3)
-        asked: List[str] = []
-
-        def hook(name: str, phase: str, args: Tuple[Any, ...]) -> None:
-            if name == "link_in" and phase == "before":
-                asked.append(args[0])
-
-        with installed(hook), tx_on(root) as tx:
-            tx.copy(cache, "pkg", link=True)
-        assert describe(root / "pkg") == describe(cache)
-        assert len(asked) == 1  # EXDEV once: the other files were copied at once
-        for path in cache.rglob("*.py"):
-            assert _inode(root / "pkg" / path.relative_to(cache)) != _inode(path)
-        assert_clean(root)
+        yield made
     finally:
         made.close()
+
+
+def test_copy_with_link_from_another_file_system_copies_and_asks_once(
+    root: pathlib.Path, tmp_path: pathlib.Path, made: mounts.Mounts
+) -> None:
+    other = pathlib.Path(made.tmpfs(str(tmp_path / "cache")))
+    cache = build_wide_tree(other, 2, 3)
+    asked: List[str] = []
+
+    def hook(name: str, phase: str, args: Tuple[Any, ...]) -> None:
+        if name == "link_in" and phase == "before":
+            asked.append(args[0])
+
+    with installed(hook), tx_on(root) as tx:
+        tx.copy(cache, "pkg", link=True)
+    assert describe(root / "pkg") == describe(cache)
+    assert len(asked) == 1  # EXDEV once: the other files were copied at once
+    for path in cache.rglob("*.py"):
+        assert _inode(root / "pkg" / path.relative_to(cache)) != _inode(path)
+    assert_clean(root)
 
 
 def test_a_link_to_a_file_swapped_since_it_was_looked_at_is_not_kept(
@@ -2018,27 +2024,20 @@ def test_failed_staging_leaves_the_plan_unchanged(
 
 
 def test_refused_cross_device_rename_leaves_the_plan_unchanged(
-    root: pathlib.Path,
+    root: pathlib.Path, made: mounts.Mounts
 ) -> None:
-    reason = mounts.why_no_mounts()
-    if reason is not None:
-        pytest.skip(reason)
-    made = mounts.Mounts()
-    try:
-        made.tmpfs(str(root / "mnt"))
-        make_tree(root, {"tree/a": b"a", "tree/sub/b": b"b"})
-        os.mkfifo(root / "tree/sub/pipe")  # cannot be copied across devices
-        tx = tx_on(root)
-        tx.write_bytes("mnt/other", b"o")
-        with pytest.raises(fstx.PlanError):
-            tx.rename("tree", "mnt/new/deep/tree")
-        assert [op.path for op in tx.operations] == ["mnt/other"]
-        tx.commit()
-        assert sorted(os.listdir(root / "mnt")) == ["other"]
-        assert sorted(os.listdir(root / "tree/sub")) == ["b", "pipe"]
-        assert_clean(root)
-    finally:
-        made.close()
+    made.tmpfs(str(root / "mnt"))
+    make_tree(root, {"tree/a": b"a", "tree/sub/b": b"b"})
+    os.mkfifo(root / "tree/sub/pipe")  # cannot be copied across devices
+    tx = tx_on(root)
+    tx.write_bytes("mnt/other", b"o")
+    with pytest.raises(fstx.PlanError):
+        tx.rename("tree", "mnt/new/deep/tree")
+    assert [op.path for op in tx.operations] == ["mnt/other"]
+    tx.commit()
+    assert sorted(os.listdir(root / "mnt")) == ["other"]
+    assert sorted(os.listdir(root / "tree/sub")) == ["b", "pipe"]
+    assert_clean(root)
 
 
 # -- durability ------------------------------------------------------------------------
