@@ -167,7 +167,7 @@ def fmt_time(seconds: float) -> str:
 
 
 def measure_scaling(
-    bench: W.Bench,
+    bench: W.Bench, *, memory: bool = False
 ) -> Tuple[Dict[Tuple[str, int], List[Dict[str, float]]], Dict[int, Dict[str, float]]]:
     sizes = bench.config.scale_sizes
     kinds = ("plain", "fstx-none")
@@ -179,9 +179,16 @@ def measure_scaling(
         if r % 2:
             order.reverse()
         for k, n in order:
-            runs[(k, n)].append(W.scale_once(bench, k, n))
-            log(f"[scaling] round {r + 1}: {k} {n}: {runs[(k, n)][-1]['seconds']:.2f}s")
-    traced = {n: W.scale_once(bench, "fstx-none", n, traced=True) for n in sizes}
+            runs[(k, n)].append(W.scale_once(bench, k, n, memory=memory))
+            where = "tmpfs" if memory else "disk"
+            log(
+                f"[scaling, {where}] round {r + 1}: {k} {n}: "
+                f"{runs[(k, n)][-1]['seconds']:.2f}s"
+            )
+    traced = {
+        n: W.scale_once(bench, "fstx-none", n, traced=True, memory=memory)
+        for n in sizes
+    }
     return runs, traced
 
 
@@ -189,10 +196,14 @@ def scaling_section(
     bench: W.Bench,
     runs: Dict[Tuple[str, int], List[Dict[str, float]]],
     traced: Dict[int, Dict[str, float]],
+    *,
+    memory: bool = False,
 ) -> Tuple[List[str], List[Tuple[str, str, str, bool]]]:
     sizes = bench.config.scale_sizes
+    where = f"on tmpfs ({W.MEMORY_FS}): the engine without the disk" if memory else "on the disk"
     lines = [
-        "### Scaling: one transaction of N small writes (64 bytes, 100 per directory), durability='none'",
+        "### Scaling: one transaction of N small writes (64 bytes, 100 per directory), "
+        f"durability='none', {where}",
         "",
         "| operations | plain writes | fstx: total | fstx: planning | fstx: commit | fstx µs/op | peak RSS growth / op | peak traced memory / op |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -227,14 +238,17 @@ def scaling_section(
         )
         lines.append(f"| {a:,} → {b:,} operations | {fr} | {pr} |")
         limit = 11.0 * b / a / 10
+        fs = " (tmpfs)" if memory else ""
         targets.append(
             (
-                f"scaling {a:,} → {b:,} operations: time ≤ {limit:.0f}×",
+                f"scaling {a:,} → {b:,} operations{fs}: time ≤ {limit:.0f}×",
                 str(fr),
                 f"{limit:.0f}",
                 fr.median <= limit,
             )
         )
+    if memory:
+        return lines, targets
     big = sizes[-1]
     mem = traced[big]["traced_kib_per_op"]
     rss = max(x["rss_kib_per_op"] for x in runs[("fstx-none", big)])
@@ -486,6 +500,7 @@ def _compile_fstx() -> None:
     end-to-end process and charge that to fstx.
     """
     import compileall
+
     import fstx
 
     compileall.compile_dir(os.path.dirname(fstx.__file__), quiet=1)
@@ -535,6 +550,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             lines, more = scaling_section(bench, runs, traced)
             sections += lines + [""]
             targets += more
+            if W.memory_fs() is not None:
+                runs, traced = measure_scaling(bench, memory=True)
+                lines, more = scaling_section(bench, runs, traced, memory=True)
+                sections += lines + [""]
+                targets += more
         command = "python -m benchmarks " + " ".join(
             argv if argv is not None else sys.argv[1:]
         )

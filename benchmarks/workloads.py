@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import subprocess
 import sys
 import time
@@ -654,14 +655,37 @@ def recover_workload(b: Bench) -> Workload:
 # -- scaling ----------------------------------------------------------------------
 
 
-def scale_once(b: Bench, kind: str, n: int, traced: bool = False) -> Dict[str, float]:
-    """One scaling run in a fresh process: ``{"seconds", "kib_per_op", ...}``."""
-    root = b.fresh(f"scale-{kind}-{n}")
-    _sync()
+MEMORY_FS = "/dev/shm"
+"""A tmpfs for the scaling runs that leave the disk out (when it is there)."""
+
+
+def memory_fs() -> Optional[str]:
+    """``MEMORY_FS`` if it is a writable directory, else None."""
+    ok = os.path.isdir(MEMORY_FS) and os.access(MEMORY_FS, os.W_OK)
+    return MEMORY_FS if ok else None
+
+
+def scale_once(
+    b: Bench, kind: str, n: int, traced: bool = False, memory: bool = False
+) -> Dict[str, float]:
+    """One scaling run in a fresh process: ``{"seconds", "kib_per_op", ...}``.
+
+    With ``memory``, the root is on a tmpfs (removed after the run): what
+    the engine costs per operation without the disk's own growth.
+    """
+    if memory:
+        root = Path(tempfile.mkdtemp(prefix="fstx-scale-", dir=memory_fs()))
+    else:
+        root = b.fresh(f"scale-{kind}-{n}")
+        _sync()
     args = ["scale", kind, str(root), str(n)] + (["--trace"] if traced else [])
-    proc = subprocess.run(
-        _driver(*args), cwd=_ROOT, capture_output=True, text=True, check=False
-    )
+    try:
+        proc = subprocess.run(
+            _driver(*args), cwd=_ROOT, capture_output=True, text=True, check=False
+        )
+    finally:
+        if memory:
+            shutil.rmtree(root, ignore_errors=True)
     if proc.returncode != 0:
         raise RuntimeError(f"scale {kind} {n} failed: {proc.stderr[-2000:]}")
     result: Dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
