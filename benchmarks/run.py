@@ -200,7 +200,11 @@ def scaling_section(
     memory: bool = False,
 ) -> Tuple[List[str], List[Tuple[str, str, str, bool]]]:
     sizes = bench.config.scale_sizes
-    where = f"on tmpfs ({W.MEMORY_FS}): the engine without the disk" if memory else "on the disk"
+    where = (
+        f"on tmpfs ({W.MEMORY_FS}): the engine without the disk"
+        if memory
+        else "on the disk"
+    )
     lines = [
         "### Scaling: one transaction of N small writes (64 bytes, 100 per directory), "
         f"durability='none', {where}",
@@ -410,6 +414,9 @@ def extra_ratios(w: W.Workload, times: Dict[str, List[float]]) -> List[str]:
     if w.key != "wheel":
         return []
     rows = []
+    r = ratios(times, "fstx-none-in-process", "installer-in-process")
+    if r is not None:
+        rows.append(f"| fstx-none ÷ installer, both in one process | {r} |")
     for other in ("pip", "uv-cold", "uv-copy", "uv-link"):
         for mine in ("fstx-none", "fstx-full"):
             r = ratios(times, mine, other)

@@ -408,6 +408,13 @@ def wheel_workload(b: Bench) -> Workload:
     def driver(kind: str) -> Callable[[str], None]:
         return lambda p: _quiet(_driver("wheel", kind, p, wheel))
 
+    def in_process(kind: str) -> Callable[[str], None]:
+        # The same install in this process: its imports were paid by the
+        # warm-up round, so what is left is the install itself.
+        from benchmarks import drivers
+
+        return lambda p: drivers.wheel(kind, p, wheel)
+
     def pip(p: str) -> None:
         _quiet(
             [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile",
@@ -455,6 +462,20 @@ def wheel_workload(b: Bench) -> Workload:
                 "fstx-full",
                 "fstx TransactionalDestination, durability='full'",
                 driver("fstx-full"),
+                prefix,
+            ),
+            Variant(
+                "installer-in-process",
+                "pypa/installer, SchemeDictionaryDestination, in this process "
+                "(no interpreter start, no imports)",
+                in_process("installer"),
+                prefix,
+            ),
+            Variant(
+                "fstx-none-in-process",
+                "fstx TransactionalDestination, durability='none', in this process "
+                "(no interpreter start, no imports)",
+                in_process("fstx-none"),
                 prefix,
             ),
             Variant(
