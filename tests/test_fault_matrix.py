@@ -531,7 +531,9 @@ def test_a_tree_with_read_only_directories_copied_as_an_unprivileged_user(
         spec: Dict[str, Any] = {}
         for d in range(12):
             for f in range(4):
-                spec[f"pkg/d{d}/f{f}.py"] = File(f"{d} {f}\n".encode(), 0o644)
+                # A big file in each directory: the threads take those.
+                data = f"{d} {f}\n".encode() * (80_000 if f == 0 else 1)
+                spec[f"pkg/d{d}/f{f}.py"] = File(data, 0o644)
         build(src, spec)
         build(root, {"keep.txt": b"k\n"})
         for d in range(0, 12, 3):

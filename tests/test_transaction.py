@@ -241,6 +241,7 @@ def test_copy_of_a_big_tree_uses_threads_and_is_exact(
         copy_file(job, no_clone, no_link)
 
     monkeypatch.setattr(fstx._transaction, "_copy_file", spy)
+    monkeypatch.setattr(fstx._transaction, "_POOL_MIN_SIZE", 0)  # small files too
     with tx_on(root) as tx:
         tx.copy(src, "pkg")
     assert describe(root / "pkg") == describe(src)
@@ -264,6 +265,7 @@ def test_a_failed_copy_in_a_thread_fails_the_call_and_leaves_the_plan(
         copy_file(job, no_clone, no_link)
 
     monkeypatch.setattr(fstx._transaction, "_copy_file", disk_full_at_one)
+    monkeypatch.setattr(fstx._transaction, "_POOL_MIN_SIZE", 0)
     tx = tx_on(root)
     tx.write_bytes("first", b"1")
     with pytest.raises(OSError) as info:
@@ -294,8 +296,13 @@ def _inode(path: pathlib.Path) -> Tuple[int, int]:
     [pytest.param(1, 3, id="few-files"), pytest.param(6, 8, id="threads")],
 )
 def test_copy_with_link_installs_the_cached_files_themselves(
-    root: pathlib.Path, tmp_path: pathlib.Path, dirs: int, per_dir: int
+    root: pathlib.Path,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dirs: int,
+    per_dir: int,
 ) -> None:
+    monkeypatch.setattr(fstx._transaction, "_POOL_MIN_SIZE", 0)  # threads: any size
     cache = build_wide_tree(tmp_path, dirs, per_dir)
     (tmp_path / "single").write_bytes(b"one file")
     cached = describe(cache)
@@ -440,6 +447,7 @@ COPY_WITH_FEW_DESCRIPTORS = """
 import os, resource, sys
 import fstx
 resource.setrlimit(resource.RLIMIT_NOFILE, (150, 150))
+fstx._transaction._POOL_MIN_SIZE = 0  # every file to the threads, as big ones go
 with fstx.transaction(sys.argv[1], durability="none") as tx:
     tx.copy(sys.argv[2], "pkg")
 """
