@@ -92,9 +92,6 @@ _BINARY = getattr(os, "O_BINARY", 0)
 _NO_NOREPLACE = frozenset(
     {errno.EPERM, errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 )
-# renameat2(RENAME_EXCHANGE): ENOSYS without the syscall (or off Linux), EINVAL
-# on file systems that do not implement it (rename(2) man page).
-_NO_EXCHANGE = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 # rename(2) of a directory onto an existing entry that it may not replace.
 _TARGET_EXISTS = frozenset({errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR})
 
@@ -822,7 +819,7 @@ def _swap_in(t: _Target, name: str) -> Optional[str]:
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return None
-        if exc.errno not in _NO_EXCHANGE:
+        if exc.errno not in _os.NO_EXCHANGE:
             raise
     else:
         return name

@@ -65,8 +65,6 @@ _LINK_BACKUPS: bool = impl.LINK_BACKUPS
 EXCHANGE_DEFAULT: bool = impl.EXCHANGE_REPLACES
 # Whether a replaced file may be swapped out in one call (a switch for tests).
 _EXCHANGE: bool = EXCHANGE_DEFAULT
-# renameat2 flags or the file system's support missing: the other ways then.
-_NO_EXCHANGE = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 
 def away_name(backup: Rel) -> Rel:
@@ -407,7 +405,7 @@ def _exchange(fs: RootFS, step: Place, retrier: Retrier) -> Optional[bool]:
     except OSError as exc:
         if _ino(fs, dst) == step.ino:
             return True  # the last attempt reported an error, yet took effect
-        if exc.errno in _NO_EXCHANGE:
+        if exc.errno in _os.NO_EXCHANGE:
             return None
         if is_transient(exc):
             return False

@@ -8,6 +8,7 @@ that is how "fail at call k" and "crash at call k" are driven.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from typing import Any, Callable, Optional, Tuple, TypeVar, cast
@@ -16,6 +17,7 @@ from fstx._platform import Dir, impl
 
 __all__ = [
     "MUTATING",
+    "NO_EXCHANGE",
     "Dir",
     "Hook",
     "chmod",
@@ -76,6 +78,12 @@ MUTATING = frozenset(
     }
 )
 """Calls that change the disk or its durability (the ones crash sweeps step through)."""
+
+
+NO_EXCHANGE = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+"""What :func:`exchange` raises where there is no atomic swap: ``ENOSYS``
+without the call (or off Linux), ``EINVAL`` on file systems that do not
+implement it (rename(2) man page)."""
 
 
 def set_hook(hook: Optional[Hook]) -> Optional[Hook]:

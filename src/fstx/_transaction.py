@@ -384,18 +384,19 @@ class _TreeCopy:
                 if error is not None:
                     raise error
         finally:
-            for d in self.handles.values():
-                os.close(d.fd)
-            self.handles.clear()
+            self._release()
+
+    def _release(self) -> None:
+        for d in self.handles.values():
+            os.close(d.fd)
+        self.handles.clear()
 
     def close(self) -> None:
         """Stop the threads and let go of the handles."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        for d in self.handles.values():
-            os.close(d.fd)
-        self.handles.clear()
+        self._release()
 
 
 class _StagedFile(io.RawIOBase):
@@ -1005,11 +1006,12 @@ class Transaction:
             parent = batch.handle(self._fs, staged[:-1])
             batch.add(_CopyJob(key, parent, staged[-1], st, follow, link))
             return
+        elif stat.S_ISREG(st.st_mode) and isinstance(source, _OutsideSource):
+            parent = self._fs.dir(staged[:-1])
+            job = _CopyJob(key, parent, staged[-1], st, follow, link)
+            _copy_file(job, self._no_clone, self._no_link)  # mode and times too
+            return
         elif stat.S_ISREG(st.st_mode):
-            if link and isinstance(source, _OutsideSource):
-                parent = self._fs.dir(staged[:-1])
-                if _linked(key, parent, staged[-1], st, follow, self._no_link):
-                    return  # the very file: its mode and times are the source's
             src_fd = source.open(key, follow)
             try:
                 parent = self._fs.dir(staged[:-1])

@@ -219,11 +219,6 @@ class RootFS:
         sd, sn, dd, dn = self._at2(src, dst)
         _os.link(sd, sn, dd, dn)
 
-    def link_in(self, src: str, rel: Rel, follow: bool) -> None:
-        """Hard-link ``rel`` to the file at path ``src`` (outside the root)."""
-        d, name = self._at(rel)
-        _os.link_in(src, d, name, follow)
-
     def symlink(self, target: str, rel: Rel) -> None:
         """Create symlink ``rel`` pointing at ``target``."""
         d, name = self._at(rel)

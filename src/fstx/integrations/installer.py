@@ -25,9 +25,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import functools
 import hashlib
 import importlib.util
 import io
+import itertools
 import logging
 import marshal
 import os
@@ -380,23 +382,27 @@ class TransactionalDestination(WheelDestination):
         kept: List[bytes] = []
         first = stream.read(_CHUNK)
         second = stream.read(_CHUNK) if first else b""
+        pieces: Iterable[bytes] = (first,)
+        if second:
+            rest = iter(functools.partial(stream.read, _CHUNK), b"")
+            pieces = itertools.chain((first, second), rest)
+
+        def counted() -> Iterator[bytes]:
+            nonlocal size
+            for chunk in pieces:
+                hasher.update(chunk)
+                size += len(chunk)
+                if keep:
+                    kept.append(chunk)
+                yield chunk
+
         if not second:
-            # Most files of a wheel: the whole content in one piece.
-            self.tx.write_bytes(target, first, mode=mode)
-            hasher.update(first)
-            size = len(first)
-            kept.append(first)
+            # Most files of a wheel: the whole content in one read, one write.
+            self.tx.write_bytes(target, b"".join(counted()), mode=mode)
         else:
             with self.tx.open(target, "wb", file_mode=mode) as f:
-                chunk = first
-                while chunk:
-                    hasher.update(chunk)
+                for chunk in counted():
                     f.write(chunk)
-                    size += len(chunk)
-                    if keep:
-                        kept.append(chunk)
-                    chunk, second = second, b""
-                    chunk = chunk or stream.read(_CHUNK)
         if keep:
             self._sources[(scheme, path)] = b"".join(kept)
         digest = base64.urlsafe_b64encode(hasher.digest()).decode("ascii").rstrip("=")
